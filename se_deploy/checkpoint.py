@@ -1,0 +1,208 @@
+"""Safe loading of YOLOv5 checkpoints (``weights.pt``) into this repo's ``models`` classes.
+
+A checkpoint is a pickle, and a pickle can name any callable. ``load_checkpoint`` unpickles with an
+allowlist: tensor rebuilders, ``torch.nn`` layers, the ``models.*`` network classes and plain
+containers. Any other global is refused before it is called, with its name in the error.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+from se_deploy.errors import SeDeployError
+
+# (module, name) pairs that may be resolved besides nn layers and models.* classes.
+_SAFE_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch", "Size"),
+    ("torch", "device"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "dtype"),
+    ("numpy", "ndarray"),
+}
+# WindowsPath (in 'opt' of checkpoints saved on Windows) cannot be built on Linux; its pure twin can.
+_RENAMED_GLOBALS = {
+    ("pathlib", "WindowsPath"): ("pathlib", "PureWindowsPath"),
+    ("__builtin__", "set"): ("builtins", "set"),  # protocol-2 pickles use Python 2's module name
+}
+_NETWORK_MODULES = ("models.yolo", "models.common")
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """The pickle asked for a global outside the allowlist."""
+
+    def __init__(self, module: str, name: str):
+        super().__init__(f"{module}.{name}")
+        self.qualified_name = f"{module}.{name}"
+
+
+def _allowed_global(module: str, name: str):
+    """Resolve ``module.name`` if it is on the allowlist; raise RefusedGlobal otherwise."""
+    import importlib
+
+    import torch
+    from torch import nn
+
+    module, name = _RENAMED_GLOBALS.get((module, name), (module, name))
+    if (module, name) in _SAFE_GLOBALS:
+        return getattr(importlib.import_module(module), name)
+    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    if module.startswith("torch.nn.modules.") or module in _NETWORK_MODULES:
+        candidate = getattr(importlib.import_module(module), name, None)
+        if isinstance(candidate, type) and issubclass(candidate, nn.Module):
+            return candidate
+    raise RefusedGlobal(module, name)
+
+
+class _AllowlistUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        return _allowed_global(module, name)
+
+
+def _allowlist_load(file, **kwargs):
+    return _AllowlistUnpickler(file, **kwargs).load()
+
+
+# torch.load accepts any object with pickle's Unpickler/load interface as its pickle module.
+_ALLOWLIST_PICKLE = SimpleNamespace(__name__="se_deploy_allowlist", Unpickler=_AllowlistUnpickler, load=_allowlist_load)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference plus facts about where it came from."""
+
+    model: object  # models.yolo.DetectionModel, fused, FP32, eval mode
+    source_format: str  # 'checkpoint-dict (ema)', 'checkpoint-dict (model)', 'pickled-model', 'state_dict+yaml'
+    path: Path
+    extras: dict = field(default_factory=dict)  # epoch, date, git... when the checkpoint has them
+
+    @property
+    def names(self) -> dict[int, str]:
+        return normalize_names(getattr(self.model, "names", None), self.model.model[-1].nc)
+
+    @property
+    def stride(self) -> list[int]:
+        return [int(s) for s in self.model.stride.tolist()]
+
+
+def normalize_names(names, nc: int) -> dict[int, str]:
+    """Class names as ``{index: name}`` whatever form the checkpoint stored (list, dict, none)."""
+    if isinstance(names, dict):
+        return {int(k): str(v) for k, v in names.items()}
+    if isinstance(names, (list, tuple)):
+        return dict(enumerate(map(str, names)))
+    return {i: f"class{i}" for i in range(nc)}
+
+
+def _read_pickle(path: Path, trust: bool):
+    import torch
+
+    head = path.read_bytes()[:4]
+    if not head:
+        raise SeDeployError(f"{path}: file is empty, not a PyTorch checkpoint")
+    if path.suffix.lower() == ".onnx":
+        raise SeDeployError(f"{path}: this is an ONNX model; give a PyTorch checkpoint (.pt) here")
+    try:
+        if trust:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_ALLOWLIST_PICKLE)
+    except RefusedGlobal as e:
+        raise SeDeployError(
+            f"{path}: refused to unpickle global '{e.qualified_name}' (not a YOLOv5 network class); "
+            "pass --trust-checkpoint only if you trust this file"
+        ) from None
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as e:
+        first_line = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise SeDeployError(f"{path}: not a readable PyTorch checkpoint ({first_line})") from None
+    except (AttributeError, ModuleNotFoundError, ImportError) as e:
+        raise SeDeployError(f"{path}: checkpoint needs code se-deploy does not have ({e})") from None
+
+
+def _model_from_state_dict(state: dict, cfg: Path | None, path: Path):
+    from models.yolo import DetectionModel
+
+    if cfg is None:
+        raise SeDeployError(f"{path}: holds only a state_dict; pass --cfg MODEL.yaml to say which network it is")
+    if not cfg.is_file():
+        raise SeDeployError(f"{cfg}: model YAML not found")
+    try:
+        model = DetectionModel(cfg)
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise SeDeployError(f"{path}: state_dict does not fit {cfg.name} ({str(e).splitlines()[0]})") from None
+    if missing or unexpected:
+        raise SeDeployError(
+            f"{path}: state_dict does not fit {cfg.name} "
+            f"({len(missing)} missing keys, e.g. {missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]})"
+        )
+    return model
+
+
+def _pick_model(obj, cfg: Path | None, path: Path):
+    """Find the network inside whatever the pickle held; return (model, source_format, extras)."""
+    import torch
+    from torch import nn
+
+    if isinstance(obj, nn.Module):
+        return obj, "pickled-model", {}
+    if not isinstance(obj, dict):
+        raise SeDeployError(f"{path}: holds a {type(obj).__name__}, not a YOLOv5 checkpoint")
+    extras = {k: obj[k] for k in ("epoch", "date", "best_fitness") if k in obj and not isinstance(obj[k], nn.Module)}
+    for key in ("ema", "model"):
+        if isinstance(obj.get(key), nn.Module):
+            return obj[key], f"checkpoint-dict ({key})", extras
+    state = obj.get("state_dict", obj)
+    if state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return _model_from_state_dict(state, cfg, path), "state_dict+yaml", extras
+    raise SeDeployError(f"{path}: checkpoint holds no model (keys: {', '.join(map(str, list(obj)[:8]))})")
+
+
+def _restore_defaults(model) -> None:
+    """Give modules from older pickles the attributes current code expects."""
+    import torch
+    from torch import nn
+
+    from models.yolo import Detect
+
+    for m in model.modules():
+        if isinstance(m, Detect) and not isinstance(m.anchor_grid, list):
+            m.anchor_grid = [torch.empty(0) for _ in range(m.nl)]
+            m.grid = [torch.empty(0) for _ in range(m.nl)]
+        elif isinstance(m, nn.Upsample) and not hasattr(m, "recompute_scale_factor"):
+            m.recompute_scale_factor = None
+
+
+def load_checkpoint(path: str | Path, *, cfg: str | Path | None = None, trust: bool = False, fuse: bool = True) -> LoadedModel:
+    """Load a YOLOv5 checkpoint safely; return an FP32, eval-mode (and by default fused) model."""
+    from models.yolo import DetectionModel
+
+    path = Path(path)
+    if not path.is_file():
+        raise SeDeployError(f"{path}: checkpoint not found")
+    obj = _read_pickle(path, trust)
+    model, source_format, extras = _pick_model(obj, Path(cfg) if cfg else None, path)
+    if not isinstance(model, DetectionModel) or not hasattr(model, "stride"):
+        raise SeDeployError(f"{path}: model is a {type(model).__name__}, not a YOLOv5 DetectionModel")
+    _restore_defaults(model)
+    model = model.float().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if fuse:
+        model.fuse()
+    return LoadedModel(model=model, source_format=source_format, path=path, extras=extras)

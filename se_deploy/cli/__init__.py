@@ -1,0 +1,50 @@
+"""The ``se-deploy`` command line: thin Typer commands over the library.
+
+Commands live in one module per concern and register on ``app``. Library code raises
+``SeDeployError``; only ``main`` turns it into one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from se_deploy.errors import SeDeployError
+
+app = typer.Typer(
+    name="se-deploy",
+    help="Deploy SE-YOLOv5 detectors: safe checkpoint loading, clean ONNX, TensorRT engines, fast video inference.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+
+@app.callback()
+def _root() -> None:
+    """Deploy SE-YOLOv5 detectors: safe checkpoint loading, clean ONNX, TensorRT engines, fast video inference."""
+
+
+EXIT_ERROR = 2  # bad input or missing dependency; 1 is kept for "ran, but the check failed"
+
+from se_deploy.cli import (  # noqa: E402,F401  (each module registers its commands on app)
+    eval_cmds,
+    export_cmds,
+    infer_cmds,
+    model_cmds,
+    trt_cmds,
+)
+
+
+def main() -> None:
+    """Entry point of the console script and of ``python cli.py``."""
+    try:
+        app()  # standalone: Typer itself answers usage errors and exits with the command's code
+    except SeDeployError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,47 @@
+"""``inspect``: what a checkpoint holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from se_deploy.cli import app
+
+WeightsArg = typer.Argument(..., help="YOLOv5 checkpoint (.pt)", show_default=False)
+CfgOpt = typer.Option(None, "--cfg", help="Model YAML, needed when the checkpoint is a bare state_dict")
+TrustOpt = typer.Option(False, "--trust-checkpoint", help="Allow any pickled class (only for files you trust)")
+
+
+@app.command()
+def inspect(
+    weights: Path = WeightsArg,
+    cfg: Path = CfgOpt,
+    trust_checkpoint: bool = TrustOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
+) -> None:
+    """Summarise a checkpoint: classes, strides, anchors, layers and every SE block."""
+    from se_deploy.checkpoint import load_checkpoint
+    from se_deploy.model_info import describe
+
+    info = describe(load_checkpoint(weights, cfg=cfg, trust=trust_checkpoint, fuse=False))
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    console = Console()
+    console.print(f"[bold]{info['path']}[/bold]  ({info['source_format']})")
+    console.print(f"classes ({info['nc']}): {', '.join(info['names'].values())}")
+    console.print(f"strides: {info['stride']}   parameters: {info['parameters']:,}")
+    console.print(f"anchors (px): {info['anchors']}")
+    layers = Table("#", "from", "n", "module", "params", title="layers")
+    for layer in info["layers"]:
+        layers.add_row(str(layer["index"]), str(layer["from"]), str(layer["repeats"]), layer["type"],
+                       f"{layer['parameters']:,}")
+    console.print(layers)
+    se = Table("layer", "channels", "hidden", "reduction", title=f"SE blocks ({len(info['se_blocks'])})")
+    for block in info["se_blocks"]:
+        se.add_row(str(block["layer"]), str(block["channels"]), str(block["hidden"]), str(block["reduction"]))
+    console.print(se)
