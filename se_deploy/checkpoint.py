@@ -36,10 +36,7 @@ _SAFE_GLOBALS = {
     ("numpy", "ndarray"),
 }
 # WindowsPath (in 'opt' of checkpoints saved on Windows) cannot be built on Linux; its pure twin can.
-_RENAMED_GLOBALS = {
-    ("pathlib", "WindowsPath"): ("pathlib", "PureWindowsPath"),
-    ("__builtin__", "set"): ("builtins", "set"),  # protocol-2 pickles use Python 2's module name
-}
+_RENAMED_GLOBALS = {("pathlib", "WindowsPath"): ("pathlib", "PureWindowsPath")}
 _NETWORK_MODULES = ("models.yolo", "models.common")
 
 
@@ -58,6 +55,8 @@ def _allowed_global(module: str, name: str):
     import torch
     from torch import nn
 
+    if module == "__builtin__":  # protocol-2 pickles use Python 2's module name
+        module = "builtins"
     module, name = _RENAMED_GLOBALS.get((module, name), (module, name))
     if (module, name) in _SAFE_GLOBALS:
         return getattr(importlib.import_module(module), name)
