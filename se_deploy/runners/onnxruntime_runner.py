@@ -82,6 +82,9 @@ class OnnxRuntimeRunner(Runner):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # a provider that fails to load is reported by what we return
+        # Idle worker threads sleep instead of spinning: the video pipeline's decode/encode threads need
+        # those cores (on 2 shared cores this doubled CPU throughput; see benchmarks/video_throughput.py).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self._threads:
             options.intra_op_num_threads = self._threads
         providers = candidate_providers(self._requested_device, ort.get_available_providers())

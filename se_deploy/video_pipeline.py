@@ -1,0 +1,429 @@
+"""Threaded inference over a frame source: decode -> preprocess+infer -> postprocess -> draw+encode.
+
+Each stage runs in its own thread (inference in the caller's, where the runner was activated) and the
+stages hand batches on through bounded queues, so decoding, inference and encoding overlap. Frame
+buffers come from a fixed pool and the network input buffer is reused, so memory does not grow with
+the length of the video. Outputs are written under temporary names and renamed when the run ends:
+at the end of the source, on Ctrl-C, or when a stream is lost, so what was written stays playable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from se_deploy.annotate import Annotator
+from se_deploy.artifacts import atomic_output
+from se_deploy.errors import SeDeployError
+from se_deploy.postprocess import non_max_suppression, scale_boxes
+from se_deploy.preprocess import Letterboxer, letterbox_geometry
+from se_deploy.runners.base import Runner
+from se_deploy.sources import Frame, Source
+
+STAGES = ("decode", "preprocess", "infer", "postprocess", "encode")
+QUEUE_DEPTH = 2  # batches waiting between two stages
+DEFAULT_IMGSZ = 640  # letterbox target for models that accept any input size (detect.py's default)
+DEFAULT_FPS = 30.0  # output frame rate when a stream does not report one
+_DONE = object()  # end-of-stream marker passed down the queues
+_POLL_S = 0.1  # how often a blocked stage looks at the stop flag
+
+
+@dataclass
+class InferSettings:
+    """What to detect and what to write; the defaults are detect.py's."""
+
+    imgsz: tuple[int, int] | None = None  # letterbox target (h, w); None: the model's own size, else 640
+    rect: bool = True  # models of any input size: pad only to a stride multiple (detect.py), else square
+    conf: float = 0.25
+    iou: float = 0.45
+    classes: list[int] | None = None
+    max_det: int = 300
+    batch: int = 1
+    save_media: bool = True  # annotated video / images besides detections.jsonl
+    fourcc: str = "mp4v"
+
+
+@dataclass
+class InferResult:
+    """What a run did: frame counts, speed, per-stage times and the files written."""
+
+    frames: int
+    skipped: int
+    seconds: float
+    fps: float
+    stages_ms: dict[str, float]
+    outputs: dict[str, str]
+    stop_reason: str  # 'end', 'interrupted', or why a live source ended
+    model: str
+    source: str
+    input_hw: list[int] | None
+    batch: int
+
+    def summary(self) -> dict:
+        return asdict(self)
+
+
+def detection_records(dets: np.ndarray, names: dict[int, str]) -> list[dict]:
+    """Detections (rows x1, y1, x2, y2, conf, cls) as the JSON records of detections.jsonl."""
+    return [
+        {"xyxy": [round(v, 2) for v in row[:4]], "conf": round(row[4], 4), "cls": int(row[5]),
+         "name": names.get(int(row[5]), str(int(row[5])))}
+        for row in dets.tolist()
+    ]
+
+
+class InputShaper:
+    """Network input size per frame size, and a reused letterbox buffer per input size."""
+
+    MAX_BUFFERS = 4  # distinct input sizes kept (a folder of mixed image sizes cycles through them)
+
+    def __init__(self, runner: Runner, settings: InferSettings):
+        self.runner = runner
+        self.settings = settings
+        if runner.imgsz and settings.imgsz and tuple(settings.imgsz) != runner.imgsz:
+            h, w = runner.imgsz
+            raise SeDeployError(
+                f"{runner.path.name} is built for {h}x{w} input; --imgsz {settings.imgsz[0]},{settings.imgsz[1]} "
+                "does not match (leave --imgsz out, or export again at that size)"
+            )
+        stride = runner.stride
+        target = settings.imgsz or (DEFAULT_IMGSZ, DEFAULT_IMGSZ)
+        self.target = tuple(math.ceil(side / stride) * stride for side in target)  # as detect.py: round up
+        self._sizes: dict[tuple[int, int], tuple[int, int]] = {}
+        self._letterboxers: dict[tuple[int, int], Letterboxer] = {}
+
+    def input_hw(self, frame_hw: tuple[int, int]) -> tuple[int, int]:
+        """The (h, w) the network gets for a frame of ``frame_hw``."""
+        if self.runner.imgsz:
+            return self.runner.imgsz
+        if not self.settings.rect:
+            return self.target
+        if frame_hw not in self._sizes:
+            if len(self._sizes) > 256:
+                self._sizes.clear()
+            (w, h), (top, bottom, left, right), _ = letterbox_geometry(frame_hw, self.target, auto=True,
+                                                                       stride=self.runner.stride)
+            self._sizes[frame_hw] = (h + top + bottom, w + left + right)
+        return self._sizes[frame_hw]
+
+    def groups(self, frames: list[Frame]) -> list[tuple[tuple[int, int], list[Frame]]]:
+        """Consecutive runs of frames that share one input size (one run for a video)."""
+        runs: list[tuple[tuple[int, int], list[Frame]]] = []
+        for frame in frames:
+            hw = self.input_hw(frame.image.shape[:2])
+            if runs and runs[-1][0] == hw:
+                runs[-1][1].append(frame)
+            else:
+                runs.append((hw, [frame]))
+        return runs
+
+    def prepare(self, input_hw: tuple[int, int], images: list[np.ndarray]):
+        """Letterbox ``images`` into the reused buffer for ``input_hw``: (batch view, infos)."""
+        letterboxer = self._letterboxers.pop(input_hw, None) or Letterboxer(input_hw, self.settings.batch)
+        self._letterboxers[input_hw] = letterboxer  # most recently used last
+        if len(self._letterboxers) > self.MAX_BUFFERS:
+            del self._letterboxers[next(iter(self._letterboxers))]
+        return letterboxer.prepare(images)
+
+
+class FramePool:
+    """A fixed number of frame buffers: decoding waits when all are in flight, so memory stays bounded."""
+
+    def __init__(self, count: int, shape: tuple[int, ...], stop: threading.Event):
+        self._free: queue.Queue = queue.Queue()
+        self._shape = shape
+        self._unmade = count  # buffers are allocated on first need, at most ``count`` of them
+        self._stop = stop
+
+    def acquire(self) -> np.ndarray | None:
+        """A free buffer; None once the run is stopping."""
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        if self._unmade > 0:
+            self._unmade -= 1
+            return np.empty(self._shape, np.uint8)
+        while not self._stop.is_set():
+            try:
+                return self._free.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+        return None
+
+    def release(self, buffer: np.ndarray) -> None:
+        self._free.put(buffer)
+
+
+class MediaWriter:
+    """Writes each finished frame: a detections.jsonl line, and the annotated frame to a video or image."""
+
+    def __init__(self, names: dict[int, str], jsonl_path: Path, video_path: Path | None, image_dir: Path | None,
+                 fps: float, fourcc: str):
+        self.names = names
+        self._jsonl = open(jsonl_path, "w", encoding="utf-8", buffering=1)  # line-buffered: tail -f works
+        self._video_path = video_path
+        self._image_dir = image_dir
+        self._fps = fps
+        self._fourcc = cv2.VideoWriter_fourcc(*fourcc)
+        self._video = None
+        self._annotator: Annotator | None = None
+
+    def _annotate(self, image: np.ndarray, dets: np.ndarray) -> None:
+        hw = image.shape[:2]
+        if self._annotator is None or self._annotator_hw != hw:
+            self._annotator, self._annotator_hw = Annotator(self.names, hw), hw
+        self._annotator.draw(image, dets)
+
+    def write(self, frame: Frame, dets: np.ndarray) -> None:
+        record = {"frame": frame.index, "source": frame.name, "detections": detection_records(dets, self.names)}
+        if self._video_path or self._image_dir:
+            self._annotate(frame.image, dets)
+        if self._video_path:
+            if self._video is None:
+                h, w = frame.image.shape[:2]
+                self._video = cv2.VideoWriter(str(self._video_path), self._fourcc, self._fps, (w, h))
+                if not self._video.isOpened():
+                    raise SeDeployError(f"{self._video_path}: OpenCV cannot write this video")
+            self._video.write(frame.image)
+        elif self._image_dir:
+            target = self._image_dir / Path(frame.name).name
+            if target.resolve() == Path(frame.name).resolve():
+                raise SeDeployError(f"{target}: --out would overwrite the source image; choose another folder")
+            with atomic_output(target) as tmp:
+                if not cv2.imwrite(str(tmp), frame.image):
+                    raise SeDeployError(f"{target}: OpenCV cannot write this image")
+        self._jsonl.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self._video is not None:
+            self._video.release()  # writes the index: the file is playable from here on
+            self._video = None
+        self._jsonl.close()
+
+
+class Pipeline:
+    """The four stages and their queues for one run; ``run()`` returns when the source is done or stopped."""
+
+    def __init__(self, runner: Runner, source: Source, shaper: InputShaper, writer: MediaWriter,
+                 settings: InferSettings, on_frame: Callable[[int], None] | None = None):
+        self.runner, self.source, self.shaper, self.writer = runner, source, shaper, writer
+        self.settings = settings
+        self.on_frame = on_frame
+        self.stop = threading.Event()
+        self.interrupted = False
+        self.errors: list[BaseException] = []
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.written = 0
+        self.decoded_q: queue.Queue = queue.Queue(QUEUE_DEPTH)
+        self.inferred_q: queue.Queue = queue.Queue(QUEUE_DEPTH)
+        self.detected_q: queue.Queue = queue.Queue(QUEUE_DEPTH)
+        self.pool = None
+        if source.size and source.kind != "images":
+            w, h = source.size
+            self.pool = FramePool(settings.batch * (3 * QUEUE_DEPTH + 4) + 1, (h, w, 3), self.stop)
+
+    # queue helpers: a blocked stage gives up once the run is stopping ---------------------------
+    def _put(self, q: queue.Queue, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                q.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _items(self, q: queue.Queue):
+        while not self.stop.is_set():
+            try:
+                item = q.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+            if item is _DONE:
+                return
+            yield item
+
+    def _thread(self, target) -> threading.Thread:
+        def guarded():
+            try:
+                target()
+            except BaseException as e:  # handed to the caller's thread, which re-raises it
+                self.errors.append(e)
+                self.stop.set()
+
+        thread = threading.Thread(target=guarded, name=f"se-deploy-{target.__name__.strip('_')}", daemon=True)
+        thread.start()
+        return thread
+
+    # stages -------------------------------------------------------------------------------------
+    def _decode(self) -> None:
+        batch: list[Frame] = []
+        for frame in self.source.frames(self.pool.acquire if self.pool else None):
+            batch.append(frame)
+            if len(batch) == self.settings.batch:
+                if not self._put(self.decoded_q, batch):
+                    return
+                batch = []
+        if batch and not self._put(self.decoded_q, batch):
+            return
+        self._put(self.decoded_q, _DONE)
+
+    def _infer(self) -> None:
+        for frames in self._items(self.decoded_q):
+            chunks = []
+            for input_hw, group in self.shaper.groups(frames):
+                start = time.perf_counter()
+                batch, infos = self.shaper.prepare(input_hw, [f.image for f in group])
+                prepared = time.perf_counter()
+                pred = self.runner.infer(batch)
+                self.seconds["preprocess"] += prepared - start
+                self.seconds["infer"] += time.perf_counter() - prepared
+                chunks.append((pred, infos))
+            if not self._put(self.inferred_q, (frames, chunks)):
+                return
+        self._put(self.inferred_q, _DONE)
+
+    def _postprocess(self) -> None:
+        s = self.settings
+        for frames, chunks in self._items(self.inferred_q):
+            start = time.perf_counter()
+            dets = [
+                scale_boxes(d, info)
+                for pred, infos in chunks
+                for d, info in zip(non_max_suppression(pred, s.conf, s.iou, s.classes, s.max_det), infos)
+            ]
+            self.seconds["postprocess"] += time.perf_counter() - start
+            if not self._put(self.detected_q, (frames, dets)):
+                return
+        self._put(self.detected_q, _DONE)
+
+    def _encode(self) -> None:
+        for frames, dets in self._items(self.detected_q):
+            for frame, frame_dets in zip(frames, dets):
+                if self.stop.is_set():  # checked per frame: the JSONL and the video stay in step
+                    return
+                start = time.perf_counter()
+                self.writer.write(frame, frame_dets)
+                self.seconds["encode"] += time.perf_counter() - start
+                if self.pool:
+                    self.pool.release(frame.image)
+                self.written += 1
+                if self.on_frame:
+                    self.on_frame(self.written)
+
+    def run(self) -> float:
+        """Run every stage to the end (or until stopped); returns the wall time in seconds."""
+        start = time.perf_counter()
+        threads = [self._thread(self._decode), self._thread(self._postprocess), self._thread(self._encode)]
+        try:
+            try:
+                self._infer()
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:
+                self.errors.append(e)
+                self.stop.set()
+            for thread in threads:
+                thread.join()
+        except KeyboardInterrupt:  # a second Ctrl-C while stopping: stop now, keep what was written
+            self.interrupted = True
+            self.stop.set()
+            for thread in threads:
+                thread.join()
+        self.seconds["decode"] = self.source.decode_seconds
+        return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops(pipeline: Pipeline):
+    """While running, the first Ctrl-C asks the pipeline to stop after the frame being written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if pipeline.interrupted:
+            raise KeyboardInterrupt
+        pipeline.interrupted = True
+        pipeline.stop.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def warm_up(runner: Runner, shaper: InputShaper, source: Source, batch: int) -> None:
+    """One inference on a blank batch of the size the source will need, so timing starts warm."""
+    if source.size:
+        w, h = source.size
+        runner.infer(np.zeros((batch, 3, *shaper.input_hw((h, w))), np.float32))
+
+
+def run_inference(runner: Runner, source: Source, out_dir: str | Path, settings: InferSettings | None = None,
+                  on_frame: Callable[[int], None] | None = None) -> InferResult:
+    """Detect objects in every frame of ``source`` with the activated ``runner``; write outputs to ``out_dir``.
+
+    Writes ``detections.jsonl`` (one line per frame, boxes in original-frame pixels) and, unless
+    ``settings.save_media`` is off, the annotated video (``<source>.mp4``, the source's size and fps) or
+    annotated images. ``on_frame(done)`` is called after each written frame (for a progress display).
+    """
+    settings = settings or InferSettings()
+    if settings.batch < 1:
+        raise SeDeployError(f"--batch {settings.batch}: must be at least 1")
+    out_dir = Path(out_dir)
+    shaper = InputShaper(runner, settings)
+    warm_up(runner, shaper, source, settings.batch)
+    jsonl_path = out_dir / "detections.jsonl"
+    outputs = {"jsonl": str(jsonl_path)}
+    with contextlib.ExitStack() as stack:
+        jsonl_tmp = stack.enter_context(atomic_output(jsonl_path))
+        video_tmp = image_dir = None
+        if settings.save_media and source.kind == "images":
+            image_dir = out_dir
+            outputs["images"] = str(out_dir)
+        elif settings.save_media:
+            video_path = out_dir / f"{source.output_stem}.mp4"
+            video_tmp = stack.enter_context(atomic_output(video_path))
+            outputs["video"] = str(video_path)
+        writer = MediaWriter(runner.names, jsonl_tmp, video_tmp, image_dir, source.fps or DEFAULT_FPS,
+                             settings.fourcc)
+        stack.callback(writer.close)  # closed before the temporary files are renamed
+        pipeline = Pipeline(runner, source, shaper, writer, settings, on_frame)
+        with _ctrl_c_stops(pipeline):
+            seconds = pipeline.run()
+        if pipeline.errors:
+            raise pipeline.errors[0]
+        if not pipeline.written:
+            if pipeline.interrupted:
+                raise KeyboardInterrupt
+            raise SeDeployError(f"{source.name}: no frame could be decoded ({source.skipped} unreadable)")
+    frames = pipeline.written
+    stop_reason = "interrupted" if pipeline.interrupted else source.stop_reason
+    first_hw = (source.size[1], source.size[0]) if source.size else None
+    input_hw = shaper.input_hw(first_hw) if first_hw else runner.imgsz  # images: None when it varies
+    return InferResult(
+        frames=frames,
+        skipped=source.skipped,
+        seconds=round(seconds, 4),
+        fps=round(frames / seconds, 2) if seconds > 0 else 0.0,
+        stages_ms={k: round(v / frames * 1000, 3) for k, v in pipeline.seconds.items()},
+        outputs=outputs,
+        stop_reason=stop_reason,
+        model=runner.description,
+        source=source.name,
+        input_hw=list(input_hw) if input_hw else None,
+        batch=settings.batch,
+    )
