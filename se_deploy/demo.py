@@ -1,7 +1,8 @@
 """The whole chain on the bundled SE-YOLOv5n checkpoint and clip: export -> check -> (TensorRT) -> infer.
 
-Everything is written under one folder (default runs/demo): the ONNX, the engine when TensorRT is
-usable, and the inference outputs.
+The ONNX (and the engine, when TensorRT is usable) go to the artifact workspace (default engines/), so
+``se-deploy build-trt`` and ``se-deploy infer`` pick them up afterwards; the annotated clip and its
+detections go to ``runs/demo/infer``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from se_deploy.artifacts import DEMO_VIDEO, DEMO_WEIGHTS
+from se_deploy.artifacts import DEMO_VIDEO, DEMO_WEIGHTS, ENGINES_DIR
 
 DEMO_DIR = Path("runs") / "demo"
 DEMO_IMGSZ = 320  # the bundled model was trained at 320 px
@@ -34,7 +35,8 @@ class DemoReport:
 
 
 def run_demo(out_dir: str | Path = DEMO_DIR, imgsz: int = DEMO_IMGSZ, tensorrt: bool | None = None,
-             say: Callable[[str], None] | None = None, on_frame: Callable[[int], None] | None = None) -> DemoReport:
+             say: Callable[[str], None] | None = None, on_frame: Callable[[int], None] | None = None,
+             engines_dir: str | Path = ENGINES_DIR) -> DemoReport:
     """Export the bundled checkpoint, check parity, build an engine (if TensorRT is usable), run the clip.
 
     ``tensorrt``: None builds an engine only when TensorRT is usable here; False skips it.
@@ -46,11 +48,11 @@ def run_demo(out_dir: str | Path = DEMO_DIR, imgsz: int = DEMO_IMGSZ, tensorrt: 
     from se_deploy.video_pipeline import InferSettings, run_inference
 
     say = say or (lambda message: None)
-    out_dir = Path(out_dir)
+    out_dir, engines_dir = Path(out_dir), Path(engines_dir)
     report = DemoReport(weights=DEMO_WEIGHTS)
 
     say("export: checkpoint -> ONNX, with a parity check against PyTorch")
-    exported = export_onnx(DEMO_WEIGHTS, out_dir / f"{DEMO_WEIGHTS.stem}.onnx", imgsz=imgsz, check=True, progress=say)
+    exported = export_onnx(DEMO_WEIGHTS, engines_dir / f"{DEMO_WEIGHTS.stem}.onnx", imgsz=imgsz, check=True, progress=say)
     report.onnx, report.onnx_parity = exported.onnx, exported.parity
     if not report.passed:
         return report
@@ -62,7 +64,7 @@ def run_demo(out_dir: str | Path = DEMO_DIR, imgsz: int = DEMO_IMGSZ, tensorrt: 
     elif not tensorrt:
         report.tensorrt_note = "engine build skipped (--no-trt)"
     if tensorrt:
-        report.engine, report.engine_parity = build_checked_engine(report.onnx, out_dir, say)
+        report.engine, report.engine_parity = build_checked_engine(report.onnx, engines_dir, say)
         if not report.passed:
             return report
         model = report.engine

@@ -18,13 +18,14 @@ def test_demo_with_no_arguments_runs_the_chain_and_says_where(tmp_path):
     proc = run_cli("demo", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     demo = tmp_path / "runs" / "demo"
-    onnx, video, jsonl = demo / "se-yolov5n-shapes.onnx", demo / "infer" / "synth_shapes_60f.mp4", demo / "infer" / "detections.jsonl"
+    onnx = tmp_path / "engines" / "se-yolov5n-shapes.onnx"  # the workspace, where build-trt and infer look
+    video, jsonl = demo / "infer" / "synth_shapes_60f.mp4", demo / "infer" / "detections.jsonl"
     assert onnx.is_file() and video.is_file() and jsonl.is_file()
     out = " ".join(proc.stdout.split())  # the table may wrap long paths
     assert "PASS" in out and "runs/demo" in out and "synth_shapes_60f.mp4" in out
     if not tensorrt_usable():
         assert "TensorRT is not usable here" in out
-        assert not list(demo.glob("*.engine"))
+        assert not list((tmp_path / "engines").glob("*.engine"))
     cap = cv2.VideoCapture(str(video))
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == int(cv2.VideoCapture(str(DEMO_VIDEO)).get(cv2.CAP_PROP_FRAME_COUNT))
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
@@ -48,9 +49,9 @@ def test_demo_builds_checks_and_uses_the_engine_when_tensorrt_is_usable(fixtures
         return stand_in, engine_check
 
     monkeypatch.setattr(demo, "build_checked_engine", fake_build)
-    failed = demo.run_demo(tmp_path / "a", tensorrt=True)
+    failed = demo.run_demo(tmp_path / "a", tensorrt=True, engines_dir=tmp_path / "a")
     assert built == [onnx] and not failed.passed and failed.infer is None  # a failed check stops the chain
 
     engine_check.passed = True
-    report = demo.run_demo(tmp_path / "b", tensorrt=True)
+    report = demo.run_demo(tmp_path / "b", tensorrt=True, engines_dir=tmp_path / "b")
     assert report.passed and "stand-in-for-engine.onnx" in report.infer.model and report.infer.frames == 60

@@ -162,7 +162,7 @@ def bench(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(None, "--out", "-o", help="Folder for every result [default: runs/demo]",
+    out: Path = typer.Option(None, "--out", "-o", help="Folder for the annotated clip and detections [default: runs/demo]; models go to engines/",
                              show_default=False),
     no_trt: bool = typer.Option(False, "--no-trt", help="Skip the TensorRT engine even where TensorRT is usable"),
 ) -> None:
@@ -194,4 +194,5 @@ def demo(
     if not report.passed:
         raise typer.Exit(1)
     model = report.engine or report.onnx
-    Console(soft_wrap=True).print(f"results are in {out}/ - next: se-deploy infer YOUR_VIDEO.mp4 --model {model}")
+    Console(soft_wrap=True).print(f"results are in {out}/ and {model.parent}/ - next: se-deploy infer YOUR_VIDEO.mp4 "
+                                  f"(picks {model.name} from {model.parent}/)")
