@@ -1,3 +1,202 @@
-"""Commands: filled in by their issue."""
+"""``quantize`` (FP32 ONNX -> FP16 / INT8 Q/DQ ONNX, checked) and ``build-trt`` (ONNX -> TensorRT engine)."""
 
-from se_deploy.cli import app  # noqa: F401
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from se_deploy.cli import app
+from se_deploy.errors import SeDeployError
+
+EXIT_CHECK_FAILED = 1
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+CalibOpt = typer.Option(None, "--calib", help="INT8: folder or glob of your own training images (never the val set)")
+CalibSizeOpt = typer.Option(512, "--calib-size", help="INT8: most calibration images to use (spread over the set)")
+CalibMethodOpt = typer.Option("max", "--calib-method", help="INT8 activation ranges: max or entropy")
+JsonOpt = typer.Option(None, "--json", help="Also write the result as JSON to this file", show_default=False)
+
+
+class _ProgressView:
+    """One rich progress line per quantization stage or TensorRT build phase (nested phases indented)."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+        self.depth: dict[str, int] = {}
+
+    def _task(self, name: str, parent: str | None, total: int) -> int:
+        if name not in self.tasks:
+            self.depth[name] = self.depth.get(parent, -1) + 1 if parent else 0
+            self.tasks[name] = self.progress.add_task("  " * self.depth[name] + name, total=total or None)
+        return self.tasks[name]
+
+    def stage(self, stage: str, done: int, total: int) -> None:
+        """quantize_onnx progress: (stage, done, total); a new stage hides the earlier ones."""
+        if stage not in self.tasks:
+            for task in self.tasks.values():
+                self.progress.update(task, visible=False)
+        self.progress.update(self._task(stage, None, total), completed=done, total=total or None)
+
+    def phase(self, name: str, parent: str | None, done: int, total: int) -> None:
+        """TensorRT IProgressMonitor: nested phases disappear once finished."""
+        task = self._task(name, parent, total)
+        self.progress.update(task, completed=done, total=total or None)
+        if done >= total and self.depth.get(name):
+            self.progress.remove_task(task)
+            del self.tasks[name]
+
+
+@contextmanager
+def _progress():
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True, disable=not sys.stderr.isatty()) as progress:
+        yield _ProgressView(progress)
+
+
+def _write_json(path: Path | None, data: dict) -> None:
+    if path is not None:
+        from se_deploy.artifacts import write_text_atomic
+
+        write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def _print_quantized(result) -> None:
+    check = result.check
+    verdict = "[green]accepted[/green]" if result.passed else "[red]rejected, nothing written[/red]"
+    out.print(f"{result.precision} {result.path}: {verdict} ({result.seconds:.1f} s)")
+    if result.calibration:
+        cal = result.calibration
+        out.print(f"  calibration: {cal['images']} images from {cal['source']} ({cal['method']}, "
+                  f"{cal['imgsz'][0]}x{cal['imgsz'][1]})")
+    if result.qdq["quantize_nodes"]:
+        ops = ", ".join(f"{n} {op}" for op, n in sorted(result.qdq["quantized_ops"].items(), key=lambda kv: -kv[1]))
+        zero = "all zero points 0" if not result.qdq["nonzero_zero_points"] else \
+            f"{len(result.qdq['nonzero_zero_points'])} non-zero zero points"
+        out.print(f"  Q/DQ: {result.qdq['quantize_nodes']} Q + {result.qdq['dequantize_nodes']} DQ nodes, feeding {ops}; {zero}")
+    out.print(f"  kept in FP32: {len(result.kept_fp32)} nodes")
+    limits = check.thresholds
+    box_limit = "not judged" if limits.boxes is None else f"limit {limits.boxes:g}"
+    out.print(f"  check vs FP32 ONNX (onnxruntime cpu, {check.images} images at {check.imgsz[0]}x{check.imgsz[1]}):")
+    out.print(f"    boxes  max abs {check.max_abs_error['boxes']:.3g} px ({box_limit}), "
+              f"mean {check.mean_abs_error['boxes']:.3g}")
+    out.print(f"    scores max abs {check.max_abs_error['scores']:.3g} (limit {limits.scores:g}), "
+              f"mean {check.mean_abs_error['scores']:.3g}")
+    out.print(f"    detections agree {check.detection_agreement:.1%} (limit {limits.agreement:.0%}; "
+              f"{check.detections['model']} vs {check.detections['reference']} boxes)")
+    for line in result.failures:
+        out.print(f"  [red]{line}[/red]")
+    for line in result.notes:
+        err.print(f"note: {line}")
+
+
+@app.command()
+def quantize(
+    model: Path = typer.Argument(..., help="FP32 ONNX model (from `se-deploy export`)", show_default=False),
+    precision: str = typer.Option(..., "--precision", help="fp16 or int8", show_default=False),
+    calib: Path = CalibOpt,
+    calib_size: int = CalibSizeOpt,
+    calib_method: str = CalibMethodOpt,
+    keep_fp32: str = typer.Option("detect", "--keep-fp32",
+                                  help="Comma-separated groups (detect, se) or node names left in FP32; '' for none"),
+    check_images: Path = typer.Option(None, "--check-images", help="Images for the check (default: bundled)"),
+    output: Path = typer.Option(None, "-o", "--output", help="Default: engines/<stem>.<precision>.onnx"),
+    json_file: Path = JsonOpt,
+    max_map_drop: float = typer.Option(None, "--max-map-drop", show_default=False,
+                                       help="INT8: mAP@0.5:0.95 points it may lose on --data; the most sensitive "
+                                            "layers stay out of INT8 until it fits"),
+    data: Path = typer.Option(None, "--data", help="With --max-map-drop: DATA.yaml whose val split measures mAP",
+                              show_default=False),
+) -> None:
+    """FP16 (ModelOpt AutoCast) or INT8 Q/DQ (ModelOpt PTQ) ONNX, accepted only if it matches the FP32 model."""
+    from se_deploy.quantize import QuantizeCheckFailed, quantize_onnx
+
+    if max_map_drop is not None and (precision.lower() != "int8" or data is None):
+        raise SeDeployError("--max-map-drop needs --precision int8 and --data DATA.yaml")
+    keep = [item.strip() for item in keep_fp32.split(",") if item.strip()]
+    try:
+        with _progress() as view:
+            result = quantize_onnx(model, precision, calib=calib, calib_size=calib_size, out=output, keep_fp32=keep,
+                                   calib_method=calib_method, check_images=check_images, progress=view.stage)
+    except QuantizeCheckFailed as failed:
+        result = failed.result
+    _print_quantized(result)
+    budget = None
+    if max_map_drop is not None and result.passed:  # issue 5: fit INT8 into an mAP budget (se_deploy.precision_budget)
+        from se_deploy.precision_budget import budget_for_quantized
+
+        with _progress() as view:
+            budget = budget_for_quantized(model, result.path, data, max_map_drop, calib, calib_size, keep,
+                                          progress=view.progress, calib_method=calib_method, check_images=check_images)
+        out.print(budget.summary())
+    _write_json(json_file, {**result.to_dict(), **({"max_map_drop": budget.to_dict()} if budget else {})})
+    if not result.passed or (budget is not None and not budget.met):
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@app.command("build-trt")
+def build_trt(
+    model: Path = typer.Argument(None, help="ONNX model (default: the newest FP32 ONNX in engines/)",
+                                 show_default=False),
+    fp16: bool = typer.Option(False, "--fp16", help="Build the FP16 version (quantized first if needed)"),
+    int8: bool = typer.Option(False, "--int8", help="Build the INT8 version (needs --calib unless already made)"),
+    calib: Path = CalibOpt,
+    calib_size: int = CalibSizeOpt,
+    calib_method: str = CalibMethodOpt,
+    batch: int = typer.Option(None, "--batch", help="Dynamic-batch models: build for exactly this batch",
+                              show_default=False),
+    min_batch: int = typer.Option(None, "--min-batch", help="Batch profile minimum (default 1)", show_default=False),
+    opt_batch: int = typer.Option(None, "--opt-batch", help="Batch TensorRT tunes for (default: the minimum)",
+                                  show_default=False),
+    max_batch: int = typer.Option(None, "--max-batch", help="Batch profile maximum (default 8)", show_default=False),
+    imgsz: int = typer.Option(None, "--imgsz", help="Input size, for ONNX models with a dynamic size",
+                              show_default=False),
+    workspace: float = typer.Option(None, "--workspace", help="Builder workspace limit in GB (default: TensorRT's)",
+                                    show_default=False),
+    dla_core: int = typer.Option(None, "--dla-core", help="Build for this DLA core (Jetson), GPU fallback on",
+                                 show_default=False),
+    timing_cache: Path = typer.Option(None, "--timing-cache",
+                                      help="Timing cache file (default: engines/timing-<gpu>-<trt>.cache)",
+                                      show_default=False),
+    device: int = typer.Option(0, "--device", help="CUDA device index"),
+    output: Path = typer.Option(None, "-o", "--output", help="Engine file (default: engines/<onnx stem>.engine)"),
+    json_file: Path = JsonOpt,
+) -> None:
+    """Build a TensorRT engine (strongly typed, for this GPU) and write its manifest beside it."""
+    from se_deploy.quantize import QuantizeCheckFailed
+    from se_deploy.trt_builder import build_engine
+
+    if fp16 and int8:
+        raise SeDeployError("--fp16 and --int8 exclude each other")
+    try:
+        with _progress() as view:
+            result = build_engine(
+                model, output, precision="fp16" if fp16 else "int8" if int8 else None, calib=calib,
+                calib_size=calib_size, calib_method=calib_method, batch=batch, min_batch=min_batch,
+                opt_batch=opt_batch, max_batch=max_batch, imgsz=imgsz, workspace_gb=workspace, dla_core=dla_core,
+                timing_cache=timing_cache, device=device, on_phase=view.phase, quantize_progress=view.stage,
+            )
+    except QuantizeCheckFailed as failed:
+        _print_quantized(failed.result)
+        raise typer.Exit(EXIT_CHECK_FAILED) from None
+    if result.quantized is not None:
+        _print_quantized(result.quantized)
+    manifest = result.manifest
+    profile = manifest["batch_profile"]
+    batching = f"batch {profile['min']}/{profile['opt']}/{profile['max']}" if profile else \
+        f"static batch {manifest['inputs'][0]['shape'][0]}"
+    out.print(f"[green]built[/green] {result.engine} from {result.source} in {result.seconds:.1f} s")
+    out.print(f"  {manifest['precision']}, {batching}, {manifest['imgsz'][0]}x{manifest['imgsz'][1]}, "
+              f"TensorRT {manifest['tensorrt']} on {manifest['gpu']['name']} (sm {manifest['gpu']['compute_capability']})")
+    out.print(f"  manifest: {result.manifest_path}")
+    for line in result.notes:
+        err.print(f"note: {line}")
+    _write_json(json_file, {**manifest, "engine": str(result.engine), "manifest": str(result.manifest_path)})
