@@ -24,12 +24,14 @@ class Thresholds:
 
 
 # Measured on the fixture (60 val images, 320 px; see README): FP32 ONNX Runtime 3.5e-4 px / 1.1e-6;
-# FP16 ONNX 0.82 px / 1.5e-3 / 99.7%; Conv-only INT8 Q/DQ 52 px / 0.11 / 87%. Errors on boxes are
-# largest on background anchors with the widest priors, so INT8 box error is reported, not judged.
+# FP16 ONNX 0.82 px / 1.5e-3 / 99.7%. INT8 Q/DQ models calibrated on real images: scores 0.11-0.31,
+# agreement 64-93% (few boxes on 8 images make it noisy); broken calibrations (black or random images):
+# scores 0.77-0.89, agreement 0%. The INT8 limits sit between the two. Errors on boxes are largest on
+# background anchors with the widest priors, so INT8 box error is reported, not judged.
 THRESHOLDS = {
     "fp32": Thresholds(boxes=1e-2, scores=1e-3, agreement=0.99),
     "fp16": Thresholds(boxes=4.0, scores=2e-2, agreement=0.95),
-    "int8": Thresholds(boxes=None, scores=0.25, agreement=0.80),
+    "int8": Thresholds(boxes=None, scores=0.5, agreement=0.50),
 }
 CONF_THRES, IOU_THRES, MATCH_IOU = 0.25, 0.45, 0.9
 CHUNK = 8  # images per inference call

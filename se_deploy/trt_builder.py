@@ -28,6 +28,7 @@ from se_deploy.engine_manifest import (
     require_tensorrt,
 )
 from se_deploy.errors import SeDeployError
+from se_deploy.quantize import DEFAULT_CALIB_METHOD
 from se_deploy.onnx_metadata import OnnxMetadata
 from se_deploy.quantize import (
     PRECISIONS,
@@ -314,7 +315,7 @@ def newest_fp32_onnx(directory: str | Path = ENGINES_DIR) -> Path:
     raise SeDeployError(f"no MODEL given and {directory}/ holds no FP32 ONNX: run `se-deploy export WEIGHTS.pt` first")
 
 
-def source_for(model: Path, want: str, *, calib=None, calib_size: int = 512, calib_method: str = "max",
+def source_for(model: Path, want: str, *, calib=None, calib_size: int = 512, calib_method: str = DEFAULT_CALIB_METHOD,
                directory: str | Path = ENGINES_DIR, progress=None):
     """(ONNX to build, QuantizeResult or None): ``model`` itself, or its ``want`` version, quantized now
     unless ``engines/<stem>.<want>.onnx`` already is this model quantized."""
@@ -332,7 +333,7 @@ def source_for(model: Path, want: str, *, calib=None, calib_size: int = 512, cal
 
 
 def build_engine(model: str | Path | None = None, out: str | Path | None = None, *, precision: str | None = None,
-                 calib: str | Path | None = None, calib_size: int = 512, calib_method: str = "max",
+                 calib: str | Path | None = None, calib_size: int = 512, calib_method: str = DEFAULT_CALIB_METHOD,
                  batch: int | None = None, min_batch: int | None = None, opt_batch: int | None = None,
                  max_batch: int | None = None, imgsz: int | None = None, workspace_gb: float | None = None,
                  dla_core: int | None = None, timing_cache: str | Path | None = None, device: int = 0,

@@ -109,7 +109,7 @@ def test_int8_has_symmetric_qdq_and_passes_its_check(int8_result):
     assert qdq["quantize_nodes"] > 50 and qdq["quantized_ops"]["Conv"] >= 57
     assert qdq["nonzero_zero_points"] == []
     assert int8_result.calibration == {"source": str(int8_result.calibration["source"]), "images": 16,
-                                       "method": "max", "imgsz": [320, 320]}
+                                       "method": "entropy", "imgsz": [320, 320]}
     assert int8_result.check.precision == "int8" and int8_result.check.thresholds.boxes is None
 
 
@@ -127,7 +127,7 @@ def test_int8_model_is_seen_as_int8(int8_result):
 
     with load_runner(int8_result.path, device="cpu") as runner:
         assert runner.precision == "int8"
-    assert _props(int8_result.path)["calibration"] == "16 images, max"
+    assert _props(int8_result.path)["calibration"] == "16 images, entropy"
 
 
 def test_int8_without_calibration_is_refused(fp32_onnx, tmp_path):

@@ -20,7 +20,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 CalibOpt = typer.Option(None, "--calib", help="INT8: folder or glob of your own training images (never the val set)")
 CalibSizeOpt = typer.Option(512, "--calib-size", help="INT8: most calibration images to use (spread over the set)")
-CalibMethodOpt = typer.Option("max", "--calib-method", help="INT8 activation ranges: max or entropy")
+CalibMethodOpt = typer.Option("entropy", "--calib-method", help="INT8 activation ranges: entropy (KL) or max")
 JsonOpt = typer.Option(None, "--json", help="Also write the result as JSON to this file", show_default=False)
 
 
