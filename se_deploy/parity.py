@@ -62,6 +62,17 @@ class ParityReport:
         data["imgsz"] = list(self.imgsz)
         return data
 
+    def figure_lines(self) -> list[str]:
+        """The error and agreement figures against their limits, one line each, for display."""
+        limits, high, mean = self.thresholds, self.max_abs_error, self.mean_abs_error
+        box_limit = "not judged" if limits.boxes is None else f"limit {limits.boxes:g}"
+        return [
+            f"boxes  max abs {high['boxes']:.3g} px ({box_limit}), mean {mean['boxes']:.3g}",
+            f"scores max abs {high['scores']:.3g} (limit {limits.scores:g}), mean {mean['scores']:.3g}",
+            f"detections agree {self.detection_agreement:.1%} (limit {limits.agreement:.0%}; "
+            f"{self.detections['model']} vs {self.detections['reference']} boxes, IoU >= {MATCH_IOU}, same class)",
+        ]
+
 
 def _input_size(runner, reference) -> tuple[int, int]:
     """The size to letterbox to: the model's fixed input, else its metadata, else 640."""

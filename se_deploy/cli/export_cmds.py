@@ -38,15 +38,8 @@ def _print_parity(report) -> None:
         f"parity ({report.backend} {report.precision} on {report.device} vs PyTorch fp32 on cpu, "
         f"{report.images} images at {report.imgsz[0]}x{report.imgsz[1]}): {verdict}"
     )
-    err_max, err_mean = report.max_abs_error, report.mean_abs_error
-    limits = report.thresholds
-    box_limit = "not judged" if limits.boxes is None else f"limit {limits.boxes:g}"
-    out.print(f"  boxes  max abs {err_max['boxes']:.2e} px ({box_limit}), mean {err_mean['boxes']:.2e}")
-    out.print(f"  scores max abs {err_max['scores']:.2e} (limit {limits.scores:g}), mean {err_mean['scores']:.2e}")
-    out.print(
-        f"  detections agree {report.detection_agreement:.1%} (limit {limits.agreement:.0%}; "
-        f"{report.detections['model']} vs {report.detections['reference']} boxes, IoU >= 0.9, same class)"
-    )
+    for line in report.figure_lines():
+        out.print(f"  {line}")
     for line in report.failures:
         out.print(f"  [red]{line}[/red]")
     for line in report.notes:

@@ -83,15 +83,9 @@ def _print_quantized(result) -> None:
             f"{len(result.qdq['nonzero_zero_points'])} non-zero zero points"
         out.print(f"  Q/DQ: {result.qdq['quantize_nodes']} Q + {result.qdq['dequantize_nodes']} DQ nodes, feeding {ops}; {zero}")
     out.print(f"  kept in FP32: {len(result.kept_fp32)} nodes")
-    limits = check.thresholds
-    box_limit = "not judged" if limits.boxes is None else f"limit {limits.boxes:g}"
     out.print(f"  check vs FP32 ONNX (onnxruntime cpu, {check.images} images at {check.imgsz[0]}x{check.imgsz[1]}):")
-    out.print(f"    boxes  max abs {check.max_abs_error['boxes']:.3g} px ({box_limit}), "
-              f"mean {check.mean_abs_error['boxes']:.3g}")
-    out.print(f"    scores max abs {check.max_abs_error['scores']:.3g} (limit {limits.scores:g}), "
-              f"mean {check.mean_abs_error['scores']:.3g}")
-    out.print(f"    detections agree {check.detection_agreement:.1%} (limit {limits.agreement:.0%}; "
-              f"{check.detections['model']} vs {check.detections['reference']} boxes)")
+    for line in check.figure_lines():
+        out.print(f"    {line}")
     for line in result.failures:
         out.print(f"  [red]{line}[/red]")
     for line in result.notes:
