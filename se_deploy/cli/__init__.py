@@ -29,13 +29,12 @@ def _root() -> None:
 
 EXIT_ERROR = 2  # bad input or missing dependency; 1 is kept for "ran, but the check failed"
 
-from se_deploy.cli import (  # noqa: E402,F401  (each module registers its commands on app)
-    eval_cmds,
-    export_cmds,
-    infer_cmds,
-    model_cmds,
-    trt_cmds,
-)
+# Each module registers its commands on app; --help lists them in pipeline order.
+from se_deploy.cli import model_cmds  # noqa: E402,F401,I001  inspect
+from se_deploy.cli import export_cmds  # noqa: E402,F401  export, check
+from se_deploy.cli import trt_cmds  # noqa: E402,F401  quantize, build-trt
+from se_deploy.cli import infer_cmds  # noqa: E402,F401  infer, bench, demo
+from se_deploy.cli import eval_cmds  # noqa: E402,F401  val, report
 
 
 def main() -> None:
