@@ -112,8 +112,7 @@ def normalize_names(names, nc: int) -> dict[int, str]:
 def _read_pickle(path: Path, trust: bool):
     import torch
 
-    head = path.read_bytes()[:4]
-    if not head:
+    if path.stat().st_size == 0:
         raise SeDeployError(f"{path}: file is empty, not a PyTorch checkpoint")
     if path.suffix.lower() == ".onnx":
         raise SeDeployError(f"{path}: this is an ONNX model; give a PyTorch checkpoint (.pt) here")
