@@ -4,7 +4,7 @@ On the same frames of one clip, with one activated runner, it times:
   backend   runner.infer alone on frames decoded and letterboxed beforehand (the ceiling),
   pipeline  the threaded pipeline (decode, letterbox, infer, NMS, draw, encode, JSONL), as `infer` runs it,
   loop      a plain per-frame loop: read, letterbox, infer, NMS, draw, write (the way detect.py works).
-Each is run --repeat times, interleaved; the medians and the two ratios are printed.
+Each repeat runs backend, pipeline, backend, loop; the medians and the per-repeat ratios are printed.
 
     python benchmarks/video_throughput.py                                   # fixture clip, upstream ONNX at 320
     python benchmarks/video_throughput.py --model engines/m.engine --video clip.mp4 --batch 4
@@ -45,10 +45,10 @@ def backend_only(runner, frames, input_hw, batch) -> float:
     return len(inputs) / (time.perf_counter() - start)
 
 
-def pipeline(runner, video, out, batch) -> float:
+def pipeline(runner, video, out, batch, helper_nice=None) -> float:
     """FPS of the threaded pipeline, writing the annotated video and the JSONL."""
     with open_source(video) as source:
-        return run_inference(runner, source, out, InferSettings(batch=batch)).fps
+        return run_inference(runner, source, out, InferSettings(batch=batch, helper_nice=helper_nice)).fps
 
 
 def plain_loop(runner, video, out, input_hw) -> float:
@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
     parser.add_argument("--imgsz", type=int, default=320, help="letterbox size for models of any input size")
+    parser.add_argument("--helper-nice", type=int, default=None, help="as `infer --helper-nice` (default: infer's)")
     args = parser.parse_args()
 
     options = {"threads": args.threads} if args.model.endswith(".onnx") and args.threads else {}
@@ -95,23 +96,28 @@ def main() -> None:
         runner.infer(np.zeros((args.batch, 3, *input_hw), np.float32))  # warm-up
         print(f"{runner.description}; {len(frames)} frames {frames[0].shape[1]}x{frames[0].shape[0]} -> "
               f"{input_hw[0]}x{input_hw[1]}, batch {args.batch}")
-        runs = {"backend": [], "pipeline": [], "loop": []}
-        cpu_ms = {"backend": [], "pipeline": [], "loop": []}  # process CPU time per frame, all threads
+        measures = {"backend": lambda: backend_only(runner, frames, input_hw, args.batch),
+                    "pipeline": lambda: pipeline(runner, args.video, Path(tmp), args.batch, args.helper_nice),
+                    "loop": lambda: plain_loop(runner, args.video, Path(tmp), input_hw)}
+        runs = {name: [] for name in measures}
+        cpu_ms = {name: [] for name in measures}  # process CPU time per frame, all threads
         with tempfile.TemporaryDirectory() as tmp:
             for _ in range(args.repeat):
-                for name, measure in (("backend", lambda: backend_only(runner, frames, input_hw, args.batch)),
-                                      ("pipeline", lambda: pipeline(runner, args.video, Path(tmp), args.batch)),
-                                      ("loop", lambda: plain_loop(runner, args.video, Path(tmp), input_hw))):
+                for name in ("backend", "pipeline", "backend", "loop"):  # the pipeline between two backend runs
                     cpu = time.process_time()
-                    runs[name].append(measure())
+                    runs[name].append(measures[name]())
                     cpu_ms[name].append((time.process_time() - cpu) * 1000 / len(frames))
-    fps = {k: statistics.median(v) for k, v in runs.items()}
     for name, values in runs.items():
-        print(f"{name:9s} median {fps[name]:7.2f} FPS, {statistics.median(cpu_ms[name]):6.1f} CPU-ms/frame   "
-              f"runs: {', '.join(f'{v:.2f}' for v in values)}")
-    print(f"pipeline / backend = {fps['pipeline'] / fps['backend']:.3f}")
-    print(f"pipeline / loop    = {fps['pipeline'] / fps['loop']:.3f}")
-
+        print(f"{name:9s} median {statistics.median(values):7.2f} FPS, {statistics.median(cpu_ms[name]):6.1f} "
+              f"CPU-ms/frame   runs: {', '.join(f'{v:.2f}' for v in values)}")
+    # Each ratio is taken within one repeat (against the mean of the backend runs just before and after the
+    # pipeline, which cancels a steady drift), then the median over repeats is printed: on a shared machine
+    # the speed drifts between repeats far more than between neighbouring runs.
+    backend = [(a + b) / 2 for a, b in zip(runs["backend"][::2], runs["backend"][1::2])]
+    for name, reference in (("backend", backend), ("loop", runs["loop"])):
+        ratios = [p / r for p, r in zip(runs["pipeline"], reference)]
+        print(f"pipeline / {name:7s} = {statistics.median(ratios):.3f}   (per repeat: "
+              f"{', '.join(f'{r:.2f}' for r in ratios)})")
 
 if __name__ == "__main__":
     main()

@@ -36,12 +36,13 @@ class Annotator:
         boxes = dets[:, :4].round().astype(np.int32)
         for (x1, y1, x2, y2), conf, cls in zip(boxes.tolist(), dets[:, 4].tolist(), dets[:, 5].astype(int).tolist()):
             colour = self._colours.get(cls) or self._colours.setdefault(cls, class_colour(cls))
-            cv2.rectangle(frame, (x1, y1), (x2, y2), colour, self.line, cv2.LINE_AA)
+            # Axis-aligned rectangles look the same without anti-aliasing, at less than half the cost.
+            cv2.rectangle(frame, (x1, y1), (x2, y2), colour, self.line, cv2.LINE_8)
             text = self.label(cls, conf)
             (tw, th), _ = cv2.getTextSize(text, FONT, self.font_scale, self.font_thickness)
             above = y1 - th - 3 >= 0  # label above the box unless it would leave the frame
             top = y1 - th - 3 if above else y1
-            cv2.rectangle(frame, (x1, top), (x1 + tw, top + th + 3), colour, -1, cv2.LINE_AA)
+            cv2.rectangle(frame, (x1, top), (x1 + tw, top + th + 3), colour, -1, cv2.LINE_8)
             cv2.putText(frame, text, (x1, top + th + 1), FONT, self.font_scale, (255, 255, 255),
                         self.font_thickness, cv2.LINE_AA)
         return frame

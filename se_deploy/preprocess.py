@@ -60,13 +60,13 @@ def to_input(img_bgr: np.ndarray) -> np.ndarray:
 
 
 class Letterboxer:
-    """Letterbox frames into a reused (batch, 3, H, W) float32 buffer; buffers are kept across calls."""
+    """Letterbox frames into a (batch, 3, H, W) float32 buffer: the caller's, or one kept across calls."""
 
     def __init__(self, imgsz: tuple[int, int], max_batch: int = 1):
         self.imgsz = tuple(imgsz)
-        self.batch = np.empty((max_batch, 3, *self.imgsz), np.float32)
+        self.max_batch = max_batch
+        self.batch: np.ndarray | None = None  # made on the first call without ``out``
         self._canvas = np.full((*self.imgsz, 3), PAD_VALUE, np.uint8)
-        self._resized = None
         self._geometry_key = None
         self._geometry = None
 
@@ -75,26 +75,26 @@ class Letterboxer:
         if key != self._geometry_key:  # new frame size: recompute geometry, reset borders
             self._geometry_key = key
             self._geometry = letterbox_geometry(key, self.imgsz)
-            (w, h), _, _ = self._geometry
-            self._resized = np.empty((h, w, 3), np.uint8)
             self._canvas[:] = PAD_VALUE
         (w, h), (top, _, left, _), info = self._geometry
+        inner = self._canvas[top : top + h, left : left + w]
         if (frame.shape[1], frame.shape[0]) == (w, h):
-            self._canvas[top : top + h, left : left + w] = frame
-        else:
-            cv2.resize(frame, (w, h), dst=self._resized, interpolation=cv2.INTER_LINEAR)
-            self._canvas[top : top + h, left : left + w] = self._resized
+            inner[:] = frame
+        else:  # resized straight into the canvas, no intermediate copy
+            cv2.resize(frame, (w, h), dst=inner, interpolation=cv2.INTER_LINEAR)
         return info
 
-    def prepare(self, frames: list[np.ndarray]) -> tuple[np.ndarray, list[LetterboxInfo]]:
-        """Letterbox up to ``max_batch`` BGR frames; returns a view of the shared buffer and their infos."""
-        if len(frames) > len(self.batch):
-            self.batch = np.empty((len(frames), 3, *self.imgsz), np.float32)
+    def prepare(self, frames: list[np.ndarray], out: np.ndarray | None = None) -> tuple[np.ndarray, list[LetterboxInfo]]:
+        """Letterbox BGR frames into ``out`` (N, 3, H, W) float32, or else into the shared buffer; returns it and the infos."""
+        if out is None:
+            if self.batch is None or len(frames) > len(self.batch):
+                self.batch = np.empty((max(len(frames), self.max_batch), 3, *self.imgsz), np.float32)
+            out = self.batch[: len(frames)]
         infos = []
         for i, frame in enumerate(frames):
             infos.append(self._fit(frame))
-            np.divide(self._canvas[..., ::-1].transpose(2, 0, 1), np.float32(255), out=self.batch[i], dtype=np.float32)
-        return self.batch[: len(frames)], infos
+            np.divide(self._canvas[..., ::-1].transpose(2, 0, 1), np.float32(255), out=out[i], dtype=np.float32)
+        return out, infos
 
 
 def image_paths(source: str | Path) -> list[Path]:

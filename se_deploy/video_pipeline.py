@@ -1,24 +1,29 @@
-"""Threaded inference over a frame source: decode -> preprocess+infer -> postprocess -> draw+encode.
+"""Threaded inference over a frame source: decode -> preprocess -> infer -> postprocess -> draw+encode.
 
 Each stage runs in its own thread (inference in the caller's, where the runner was activated) and the
-stages hand batches on through bounded queues, so decoding, inference and encoding overlap. Frame
-buffers come from a fixed pool and the network input buffer is reused, so memory does not grow with
-the length of the video. Outputs are written under temporary names and renamed when the run ends:
-at the end of the source, on Ctrl-C, or when a stream is lost, so what was written stays playable.
+stages hand batches on through bounded queues, so decoding, letterboxing, inference and encoding
+overlap and the inference thread does nothing but infer. Frame and network-input buffers come from
+fixed pools, so nothing is allocated per frame and memory does not grow with the length of the video.
+Outputs are written under temporary names and renamed when the run ends: at the end of the source,
+on Ctrl-C, or when a stream is lost, so what was written stays playable.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
+import os
 import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -27,7 +32,7 @@ from se_deploy.annotate import Annotator
 from se_deploy.artifacts import atomic_output
 from se_deploy.errors import SeDeployError
 from se_deploy.postprocess import non_max_suppression, scale_boxes
-from se_deploy.preprocess import Letterboxer, letterbox_geometry
+from se_deploy.preprocess import LetterboxInfo, Letterboxer, letterbox_geometry
 from se_deploy.runners.base import Runner
 from se_deploy.sources import Frame, Source
 
@@ -37,6 +42,9 @@ DEFAULT_IMGSZ = 640  # letterbox target for models that accept any input size (d
 DEFAULT_FPS = 30.0  # output frame rate when a stream does not report one
 _DONE = object()  # end-of-stream marker passed down the queues
 _POLL_S = 0.1  # how often a blocked stage looks at the stop flag
+# How far the helper stages' threads step back (nice) when inference runs on the CPU: they then run in
+# the moments inference leaves a core idle instead of stalling it (benchmarks/video_throughput.py).
+CPU_HELPER_NICE = 19
 
 
 @dataclass
@@ -52,6 +60,7 @@ class InferSettings:
     batch: int = 1
     save_media: bool = True  # annotated video / images besides detections.jsonl
     fourcc: str = "mp4v"
+    helper_nice: int | None = None  # nice steps (0-19) for the other threads; None: CPU_HELPER_NICE on a CPU, else 0
 
 
 @dataclass
@@ -84,9 +93,9 @@ def detection_records(dets: np.ndarray, names: dict[int, str]) -> list[dict]:
 
 
 class InputShaper:
-    """Network input size per frame size, and a reused letterbox buffer per input size."""
+    """Network input size per frame size, and a letterboxer (padded canvas) kept per input size."""
 
-    MAX_BUFFERS = 4  # distinct input sizes kept (a folder of mixed image sizes cycles through them)
+    MAX_LETTERBOXERS = 4  # distinct input sizes kept (a folder of mixed image sizes cycles through them)
 
     def __init__(self, runner: Runner, settings: InferSettings):
         self.runner = runner
@@ -117,53 +126,70 @@ class InputShaper:
             self._sizes[frame_hw] = (h + top + bottom, w + left + right)
         return self._sizes[frame_hw]
 
-    def groups(self, frames: list[Frame]) -> list[tuple[tuple[int, int], list[Frame]]]:
-        """Consecutive runs of frames that share one input size (one run for a video)."""
-        runs: list[tuple[tuple[int, int], list[Frame]]] = []
-        for frame in frames:
-            hw = self.input_hw(frame.image.shape[:2])
-            if runs and runs[-1][0] == hw:
-                runs[-1][1].append(frame)
-            else:
-                runs.append((hw, [frame]))
-        return runs
+    def groups(self, frames: list[Frame]) -> list[tuple[tuple[int, int], list[int]]]:
+        """The frames' positions grouped by input size, in order of first appearance (one group for a video)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for position, frame in enumerate(frames):
+            groups.setdefault(self.input_hw(frame.image.shape[:2]), []).append(position)
+        return list(groups.items())
 
-    def prepare(self, input_hw: tuple[int, int], images: list[np.ndarray]):
-        """Letterbox ``images`` into the reused buffer for ``input_hw``: (batch view, infos)."""
-        letterboxer = self._letterboxers.pop(input_hw, None) or Letterboxer(input_hw, self.settings.batch)
+    def prepare(self, input_hw: tuple[int, int], images: list[np.ndarray], out: np.ndarray):
+        """Letterbox ``images`` into ``out`` (N, 3, *input_hw); returns it and the letterbox infos."""
+        letterboxer = self._letterboxers.pop(input_hw, None) or Letterboxer(input_hw)
         self._letterboxers[input_hw] = letterboxer  # most recently used last
-        if len(self._letterboxers) > self.MAX_BUFFERS:
+        if len(self._letterboxers) > self.MAX_LETTERBOXERS:
             del self._letterboxers[next(iter(self._letterboxers))]
-        return letterboxer.prepare(images)
+        return letterboxer.prepare(images, out)
 
 
-class FramePool:
-    """A fixed number of frame buffers: decoding waits when all are in flight, so memory stays bounded."""
+class BufferPool:
+    """Reusable arrays: at most ``per_shape`` of one shape exist at once, so memory stays bounded.
 
-    def __init__(self, count: int, shape: tuple[int, ...], stop: threading.Event):
-        self._free: queue.Queue = queue.Queue()
-        self._shape = shape
-        self._unmade = count  # buffers are allocated on first need, at most ``count`` of them
+    ``acquire`` hands out a free array (making one while fewer exist) and waits while all are in use;
+    ``release`` gives one back. Free arrays are kept for the few most recently used shapes only.
+    """
+
+    MAX_SHAPES = 4
+
+    def __init__(self, per_shape: int, dtype, stop: threading.Event):
+        self._per_shape = per_shape
+        self._dtype = dtype
         self._stop = stop
+        self._free: dict[tuple, list[np.ndarray]] = {}  # shape -> free arrays; most recently used shape last
+        self._made: collections.Counter = collections.Counter()  # shape -> arrays of it in existence
+        self._changed = threading.Condition()
 
-    def acquire(self) -> np.ndarray | None:
-        """A free buffer; None once the run is stopping."""
-        try:
-            return self._free.get_nowait()
-        except queue.Empty:
-            pass
-        if self._unmade > 0:
-            self._unmade -= 1
-            return np.empty(self._shape, np.uint8)
-        while not self._stop.is_set():
-            try:
-                return self._free.get(timeout=_POLL_S)
-            except queue.Empty:
-                continue
+    def acquire(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        """A free array of ``shape``; None once the run is stopping."""
+        shape = tuple(shape)
+        with self._changed:
+            while not self._stop.is_set():
+                free = self._free.pop(shape, [])
+                self._free[shape] = free
+                if free:
+                    return free.pop()
+                if self._made[shape] < self._per_shape:
+                    self._made[shape] += 1
+                    while len(self._free) > self.MAX_SHAPES:  # forget the free arrays of the oldest shape
+                        old = next(iter(self._free))
+                        self._made[old] -= len(self._free.pop(old))
+                    return np.empty(shape, self._dtype)
+                self._changed.wait(_POLL_S)
         return None
 
-    def release(self, buffer: np.ndarray) -> None:
-        self._free.put(buffer)
+    def release(self, array: np.ndarray) -> None:
+        with self._changed:
+            self._free.setdefault(array.shape, []).append(array)
+            self._changed.notify()
+
+
+class InputChunk(NamedTuple):
+    """Frames of one batch that share an input size, letterboxed into a pooled buffer."""
+
+    positions: list[int]  # where the frames sit in their batch
+    buffer: np.ndarray  # the pooled (batch, 3, H, W) array, released after inference
+    batch: np.ndarray  # the part of ``buffer`` that holds these frames
+    infos: list[LetterboxInfo]
 
 
 class MediaWriter:
@@ -213,8 +239,17 @@ class MediaWriter:
         self._jsonl.close()
 
 
+def lower_thread_priority(steps: int) -> None:
+    """Raise the calling thread's nice value by ``steps`` (Linux, where nice is per thread; else nothing)."""
+    if steps <= 0 or not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps))
+
+
 class Pipeline:
-    """The four stages and their queues for one run; ``run()`` returns when the source is done or stopped."""
+    """The five stages and their queues for one run; ``run()`` returns when the source is done or stopped."""
 
     def __init__(self, runner: Runner, source: Source, shaper: InputShaper, writer: MediaWriter,
                  settings: InferSettings, on_frame: Callable[[int], None] | None = None):
@@ -226,13 +261,20 @@ class Pipeline:
         self.errors: list[BaseException] = []
         self.seconds = dict.fromkeys(STAGES, 0.0)
         self.written = 0
+        self.helper_nice = settings.helper_nice
+        if self.helper_nice is None:  # on a GPU the inference thread mostly waits: no stage needs precedence
+            self.helper_nice = CPU_HELPER_NICE if runner.device == "cpu" else 0
         self.decoded_q: queue.Queue = queue.Queue(QUEUE_DEPTH)
+        self.prepared_q: queue.Queue = queue.Queue(QUEUE_DEPTH)
         self.inferred_q: queue.Queue = queue.Queue(QUEUE_DEPTH)
         self.detected_q: queue.Queue = queue.Queue(QUEUE_DEPTH)
-        self.pool = None
-        if source.size and source.kind != "images":
+        # Input buffers in use at most: QUEUE_DEPTH queued, one being filled, one being inferred.
+        self.input_pool = BufferPool(QUEUE_DEPTH + 2, np.float32, self.stop)
+        self.frame_pool = self.frame_shape = None
+        if source.size and source.kind != "images":  # frames in use at most: one batch per queue slot and stage
             w, h = source.size
-            self.pool = FramePool(settings.batch * (3 * QUEUE_DEPTH + 4) + 1, (h, w, 3), self.stop)
+            self.frame_shape = (h, w, 3)
+            self.frame_pool = BufferPool(settings.batch * (4 * QUEUE_DEPTH + 5), np.uint8, self.stop)
 
     # queue helpers: a blocked stage gives up once the run is stopping ---------------------------
     def _put(self, q: queue.Queue, item) -> bool:
@@ -256,6 +298,7 @@ class Pipeline:
 
     def _thread(self, target) -> threading.Thread:
         def guarded():
+            lower_thread_priority(self.helper_nice)
             try:
                 target()
             except BaseException as e:  # handed to the caller's thread, which re-raises it
@@ -268,8 +311,9 @@ class Pipeline:
 
     # stages -------------------------------------------------------------------------------------
     def _decode(self) -> None:
+        next_buffer = (lambda: self.frame_pool.acquire(self.frame_shape)) if self.frame_pool else None
         batch: list[Frame] = []
-        for frame in self.source.frames(self.pool.acquire if self.pool else None):
+        for frame in self.source.frames(next_buffer):
             batch.append(frame)
             if len(batch) == self.settings.batch:
                 if not self._put(self.decoded_q, batch):
@@ -279,30 +323,43 @@ class Pipeline:
             return
         self._put(self.decoded_q, _DONE)
 
-    def _infer(self) -> None:
+    def _preprocess(self) -> None:
         for frames in self._items(self.decoded_q):
             chunks = []
-            for input_hw, group in self.shaper.groups(frames):
+            for input_hw, positions in self.shaper.groups(frames):
+                buffer = self.input_pool.acquire((self.settings.batch, 3, *input_hw))
+                if buffer is None:
+                    return
                 start = time.perf_counter()
-                batch, infos = self.shaper.prepare(input_hw, [f.image for f in group])
-                prepared = time.perf_counter()
-                pred = self.runner.infer(batch)
-                self.seconds["preprocess"] += prepared - start
-                self.seconds["infer"] += time.perf_counter() - prepared
-                chunks.append((pred, infos))
-            if not self._put(self.inferred_q, (frames, chunks)):
+                batch, infos = self.shaper.prepare(input_hw, [frames[i].image for i in positions],
+                                                   buffer[: len(positions)])
+                self.seconds["preprocess"] += time.perf_counter() - start
+                chunks.append(InputChunk(positions, buffer, batch, infos))
+            if not self._put(self.prepared_q, (frames, chunks)):
+                return
+        self._put(self.prepared_q, _DONE)
+
+    def _infer(self) -> None:
+        for frames, chunks in self._items(self.prepared_q):
+            start = time.perf_counter()
+            preds = []
+            for chunk in chunks:
+                preds.append(self.runner.infer(chunk.batch))
+                self.input_pool.release(chunk.buffer)
+            self.seconds["infer"] += time.perf_counter() - start
+            if not self._put(self.inferred_q, (frames, chunks, preds)):
                 return
         self._put(self.inferred_q, _DONE)
 
     def _postprocess(self) -> None:
         s = self.settings
-        for frames, chunks in self._items(self.inferred_q):
+        for frames, chunks, preds in self._items(self.inferred_q):
             start = time.perf_counter()
-            dets = [
-                scale_boxes(d, info)
-                for pred, infos in chunks
-                for d, info in zip(non_max_suppression(pred, s.conf, s.iou, s.classes, s.max_det), infos)
-            ]
+            dets: list[np.ndarray | None] = [None] * len(frames)
+            for chunk, pred in zip(chunks, preds):
+                found = non_max_suppression(pred, s.conf, s.iou, s.classes, s.max_det)
+                for position, frame_dets, info in zip(chunk.positions, found, chunk.infos):
+                    dets[position] = scale_boxes(frame_dets, info)
             self.seconds["postprocess"] += time.perf_counter() - start
             if not self._put(self.detected_q, (frames, dets)):
                 return
@@ -316,8 +373,8 @@ class Pipeline:
                 start = time.perf_counter()
                 self.writer.write(frame, frame_dets)
                 self.seconds["encode"] += time.perf_counter() - start
-                if self.pool:
-                    self.pool.release(frame.image)
+                if self.frame_pool:
+                    self.frame_pool.release(frame.image)
                 self.written += 1
                 if self.on_frame:
                     self.on_frame(self.written)
@@ -325,7 +382,7 @@ class Pipeline:
     def run(self) -> float:
         """Run every stage to the end (or until stopped); returns the wall time in seconds."""
         start = time.perf_counter()
-        threads = [self._thread(self._decode), self._thread(self._postprocess), self._thread(self._encode)]
+        threads = [self._thread(stage) for stage in (self._decode, self._preprocess, self._postprocess, self._encode)]
         try:
             try:
                 self._infer()
@@ -383,6 +440,8 @@ def run_inference(runner: Runner, source: Source, out_dir: str | Path, settings:
     settings = settings or InferSettings()
     if settings.batch < 1:
         raise SeDeployError(f"--batch {settings.batch}: must be at least 1")
+    if settings.helper_nice is not None and not 0 <= settings.helper_nice <= 19:
+        raise SeDeployError(f"--helper-nice {settings.helper_nice}: expected 0 (off) to 19")
     out_dir = Path(out_dir)
     shaper = InputShaper(runner, settings)
     warm_up(runner, shaper, source, settings.batch)

@@ -4,10 +4,12 @@ bad input is refused in one line; Ctrl-C and lost streams keep what was written;
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from se_deploy.errors import SeDeployError
 from se_deploy.postprocess import match_detections
 from se_deploy.runners import load_runner
 from se_deploy.sources import open_source
-from se_deploy.video_pipeline import InferSettings, run_inference
+from se_deploy.video_pipeline import CPU_HELPER_NICE, InferSettings, run_inference
 
 CLIP = FIXTURES / "video" / "synth_shapes_60f.mp4"
 UPSTREAM_ONNX = FIXTURES / "onnx" / "upstream-export-320.onnx"
@@ -200,6 +202,39 @@ def test_batched_run_gives_the_same_detections(onnx_clip_run, tmp_path):
     assert records == single
 
 
+def test_mixed_image_sizes_in_one_batch_keep_their_order(fixtures, single_thread_torch, tmp_path):
+    """A batch whose images need different input sizes is split by size and put back in order."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    sizes = [None, (640, 480), (400, 640), None, (640, 480), (400, 640)]  # (w, h) to resize to; None keeps 320x320
+    for i, size in enumerate(sizes):
+        image = cv2.imread(str(FIXTURES / "dataset" / "images" / "val" / f"val_00000{i}.jpg"))
+        cv2.imwrite(str(folder / f"{i}.png"), image if size is None else cv2.resize(image, size))
+    _, batched = run_library(CHECKPOINT, str(folder), tmp_path / "b4", batch=4, save_media=False)
+    _, single = run_library(CHECKPOINT, str(folder), tmp_path / "b1", batch=1, save_media=False)
+    assert [Path(r["source"]).name for r in batched] == [f"{i}.png" for i in range(len(sizes))]
+    for b, s in zip(as_arrays(batched), as_arrays(single)):
+        assert len(b) == len(s) and match_detections(b, s, 0.95) == len(s)
+    assert sum(map(len, as_arrays(single))) > len(sizes)  # the images do hold objects
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux behaviour")
+def test_helper_threads_yield_to_cpu_inference(fixtures, tmp_path):
+    def nice_of_encoder_thread(**settings):
+        seen = set()
+        on_frame = lambda done: seen.add(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))  # noqa: E731
+        with load_runner(UPSTREAM_ONNX) as runner, open_source(str(CLIP)) as src:
+            run_inference(runner, src, tmp_path, InferSettings(save_media=False, **settings), on_frame=on_frame)
+        return seen
+
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert nice_of_encoder_thread() == {min(19, own + CPU_HELPER_NICE)}  # ONNX Runtime on the CPU: helpers step back
+    assert nice_of_encoder_thread(helper_nice=0) == {own}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own  # the caller's thread is untouched
+    with pytest.raises(SeDeployError, match="--helper-nice 20"):
+        nice_of_encoder_thread(helper_nice=20)
+
+
 def test_class_filter_and_max_det(onnx_clip_run, tmp_path):
     images = FIXTURES / "dataset" / "images" / "val" / "val_00000[0-4].jpg"
     result, records = run_library(UPSTREAM_ONNX, str(images), tmp_path, classes=[2], max_det=1, conf=0.1,
@@ -221,7 +256,7 @@ def test_without_model_the_newest_artifact_is_used_and_named(fixtures, tmp_path)
 
 
 # robustness ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["missing", "text", "zero-frames", "model-suffix", "imgsz", "batch"])
+@pytest.mark.parametrize("case", ["missing", "text", "zero-frames", "model-suffix", "imgsz", "batch", "helper-nice"])
 def test_bad_input_is_one_line_error_and_writes_nothing(fixtures, tmp_path, case):
     video, model, extra = tmp_path / "clip.mp4", UPSTREAM_ONNX, []
     if case == "text":
@@ -233,14 +268,15 @@ def test_bad_input_is_one_line_error_and_writes_nothing(fixtures, tmp_path, case
     if case == "model-suffix":
         model = tmp_path / "model.tflite"
         model.write_bytes(b"\0" * 64)
-    extra = {"imgsz": ["--imgsz", "640"], "batch": ["--batch", "0"]}.get(case, [])
+    extra = {"imgsz": ["--imgsz", "640"], "batch": ["--batch", "0"], "helper-nice": ["--helper-nice", "-1"]}.get(case, [])
     out = tmp_path / "out"
     proc = run_cli("infer", video, "--model", model, "--out", out, *extra)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
     expected = {"missing": "no such file", "text": "cannot be opened", "zero-frames": str(video),
-                "model-suffix": "unknown model type", "imgsz": "built for 320x320", "batch": "--batch"}[case]
+                "model-suffix": "unknown model type", "imgsz": "built for 320x320", "batch": "--batch",
+                "helper-nice": "--helper-nice -1"}[case]
     assert expected in lines[0]
     assert not out.exists() or not any(out.iterdir())
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 
 import cv2
 import numpy as np
 import pytest
 from conftest import REFS, REPO
 
+from se_deploy.annotate import Annotator, class_colour
 from se_deploy.errors import SeDeployError
 from se_deploy.postprocess import box_iou, detection_agreement, non_max_suppression, scale_boxes
 from se_deploy.preprocess import Letterboxer, letterbox, to_input
 from se_deploy.runners import load_runner
+from se_deploy.video_pipeline import BufferPool
 
 
 def _video_frames(fixtures, indices):
@@ -45,6 +48,19 @@ def test_letterbox_matches_upstream_inputs(fixtures):
     assert np.array_equal(again, expected)
     # the one-image reference path agrees with the buffered one
     assert np.array_equal(to_input(letterbox(frames[0], (320, 320))[0]), expected[0])
+
+
+def test_letterboxer_writes_any_frame_shape_into_the_given_buffer():
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, shape, np.uint8) for shape in
+              [(480, 640, 3), (640, 480, 3), (320, 320, 3), (100, 700, 3), (480, 640, 3)]]  # wide, tall, exact, ...
+    boxer = Letterboxer((320, 320))
+    out = np.full((len(frames), 3, 320, 320), -1, np.float32)
+    batch, infos = boxer.prepare(frames, out)
+    assert batch is out
+    for frame, image, info in zip(frames, out, infos):
+        reference, ratio, pad = letterbox(frame, (320, 320))
+        assert np.array_equal(image, to_input(reference)) and (info.ratio, info.pad) == (ratio, pad)
 
 
 def test_letterbox_minimal_padding_like_detect_py():
@@ -160,3 +176,44 @@ def test_onnx_path_does_not_import_torch(fixtures):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_buffer_pool_bounds_memory_and_waits_for_a_release():
+    stop = threading.Event()
+    pool = BufferPool(2, np.float32, stop)
+    a, b = pool.acquire((1, 3, 4, 4)), pool.acquire((1, 3, 4, 4))
+    assert a is not b and a.dtype == np.float32 and a.shape == (1, 3, 4, 4)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire((1, 3, 4, 4))))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and not got  # both arrays of that shape are in use: it waits
+    pool.release(a)
+    waiter.join(2)
+    assert got and got[0] is a  # handed the released array, nothing new made
+    assert pool.acquire((2, 3, 4, 4)) is not None  # another shape has its own allowance
+    stopper = threading.Timer(0.2, stop.set)
+    stopper.start()
+    assert pool.acquire((1, 3, 4, 4)) is None  # a stopping run is not kept waiting
+    stopper.join()
+
+
+def test_buffer_pool_keeps_free_arrays_of_recent_shapes_only():
+    pool = BufferPool(3, np.uint8, threading.Event())
+    first = pool.acquire((8, 8, 3))
+    pool.release(first)
+    for side in range(9, 9 + BufferPool.MAX_SHAPES):  # a run of other shapes pushes (8, 8, 3) out
+        pool.release(pool.acquire((side, side, 3)))
+    assert pool.acquire((8, 8, 3)) is not first
+
+
+def test_annotator_draws_box_and_label_in_the_class_colour():
+    frame = np.zeros((480, 640, 3), np.uint8)
+    Annotator({2: "triangle"}, (480, 640)).draw(frame, np.array([[100, 150, 300, 400, 0.87, 2]], np.float32))
+    colour = class_colour(2)
+    for y, x in [(275, 100), (275, 300), (150, 200), (400, 200)]:  # the four sides
+        assert tuple(frame[y, x]) == colour
+    assert not frame[155:395, 105:295].any()  # inside the box: untouched
+    label = frame[125:150, 100:300]  # the label band above the box: class colour with white text
+    assert (label == colour).all(axis=2).sum() > 500 and (label == 255).all(axis=2).sum() > 50
+    assert not frame[:120].any() and not frame[:, 310:].any() and not frame[405:].any()  # nothing elsewhere

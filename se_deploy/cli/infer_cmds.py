@@ -104,6 +104,9 @@ def infer(
     batch: int = typer.Option(1, "--batch", help="Frames per inference call"),
     device: str = DeviceOpt,
     no_video: bool = typer.Option(False, "--no-video", help="Write detections.jsonl only, no annotated video/images"),
+    helper_nice: int = typer.Option(None, "--helper-nice",
+                                    help="Nice steps (0-19) the decode/letterbox/NMS/encode threads step back from "
+                                         "inference, Linux [default: 19 when inference runs on the CPU, else 0]"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
 ) -> None:
     """Detect objects in a video, images or a stream; write the annotated video/images and detections.jsonl."""
@@ -112,7 +115,8 @@ def infer(
     from se_deploy.video_pipeline import InferSettings
 
     console = Console(stderr=True)
-    settings = InferSettings(parse_imgsz(imgsz), rect, conf, iou, parse_classes(classes), max_det, batch, not no_video)
+    settings = InferSettings(parse_imgsz(imgsz), rect, conf, iou, parse_classes(classes), max_det, batch, not no_video,
+                             helper_nice=helper_nice)
     with open_source(source) as src, load_runner(resolve_model(model, console), device=device) as runner:
         result = run_with_progress(runner, src, out, settings, console).summary()
     if as_json:
