@@ -44,7 +44,11 @@ class _Buffer:
         self.dtype = np.dtype(dtype)
         self.nbytes = int(np.prod(shape)) * self.dtype.itemsize
         self.device = cuda_call(cudart, cudart.cudaMalloc(self.nbytes), "cudaMalloc")
-        self._host_ptr = cuda_call(cudart, cudart.cudaMallocHost(self.nbytes), "cudaMallocHost")
+        try:
+            self._host_ptr = cuda_call(cudart, cudart.cudaMallocHost(self.nbytes), "cudaMallocHost")
+        except SeDeployError:
+            cudart.cudaFree(self.device)
+            raise
         raw = (ctypes.c_byte * self.nbytes).from_address(int(self._host_ptr))
         self.host = np.frombuffer(raw, dtype=self.dtype).reshape(shape)
 
@@ -74,6 +78,15 @@ class TensorRTRunner(Runner):
             check_engine(self.path, self.manifest, env, hashlib.sha256(data).hexdigest())
         cuda_call(cudart, cudart.cudaSetDevice(self._device), "cudaSetDevice")
         self._cudart = cudart
+        self._in = self._out = self._stream = None
+        try:
+            self._load(trt, cudart, data, env)
+        except BaseException:  # a half-made activation gives back what it allocated
+            self._release()
+            raise
+
+    def _load(self, trt, cudart, data: bytes, env) -> None:
+        """Deserialise the plan, read its I/O, allocate the buffers and the stream."""
         self._logger = quiet_logger(trt)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(data)
@@ -115,13 +128,20 @@ class TensorRTRunner(Runner):
         self.device = f"cuda:{self._device} ({env.gpu_name})"
         self.metadata = meta
 
-    def _deactivate(self) -> None:
+    def _release(self) -> None:
+        """Free the stream and buffers that exist, and drop the engine."""
         cudart = self._cudart
-        cudart.cudaStreamSynchronize(self._stream)
-        self._in.free(cudart)
-        self._out.free(cudart)
-        cudart.cudaStreamDestroy(self._stream)
+        if self._stream is not None:
+            cudart.cudaStreamSynchronize(self._stream)
+            cudart.cudaStreamDestroy(self._stream)
+        for buffer in (self._in, self._out):
+            if buffer is not None:
+                buffer.free(cudart)
+        self._in = self._out = self._stream = None
         self.context = self.engine = self._runtime = None
+
+    def _deactivate(self) -> None:
+        self._release()
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         """One call of at most max_batch images (padded up to the profile's minimum)."""
