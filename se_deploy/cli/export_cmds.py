@@ -6,14 +6,11 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from se_deploy.cli import app
+from se_deploy.cli.output import EXIT_CHECK_FAILED, err, out, print_check
 from se_deploy.errors import SeDeployError
 
-EXIT_CHECK_FAILED = 1
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 CfgOpt = typer.Option(None, "--cfg", help="Model YAML, needed when the checkpoint is a bare state_dict")
 TrustOpt = typer.Option(False, "--trust-checkpoint", help="Allow any pickled class (only for files you trust)")
@@ -38,12 +35,7 @@ def _print_parity(report) -> None:
         f"parity ({report.backend} {report.precision} on {report.device} vs PyTorch fp32 on cpu, "
         f"{report.images} images at {report.imgsz[0]}x{report.imgsz[1]}): {verdict}"
     )
-    for line in report.figure_lines():
-        out.print(f"  {line}")
-    for line in report.failures:
-        out.print(f"  [red]{line}[/red]")
-    for line in report.notes:
-        err.print(f"note: {line}")
+    print_check(report.figure_lines(), report.failures, report.notes)
 
 
 @app.command()

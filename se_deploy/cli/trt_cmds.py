@@ -8,15 +8,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from se_deploy.cli import app
+from se_deploy.cli.output import EXIT_CHECK_FAILED, err, out, print_check
 from se_deploy.errors import SeDeployError
 
-EXIT_CHECK_FAILED = 1
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 CalibOpt = typer.Option(None, "--calib", help="INT8: folder or glob of your own training images (never the val set)")
 CalibSizeOpt = typer.Option(512, "--calib-size", help="INT8: most calibration images to use (spread over the set)")
@@ -84,12 +81,7 @@ def _print_quantized(result) -> None:
         out.print(f"  Q/DQ: {result.qdq['quantize_nodes']} Q + {result.qdq['dequantize_nodes']} DQ nodes, feeding {ops}; {zero}")
     out.print(f"  kept in FP32: {len(result.kept_fp32)} nodes")
     out.print(f"  check vs FP32 ONNX (onnxruntime cpu, {check.images} images at {check.imgsz[0]}x{check.imgsz[1]}):")
-    for line in check.figure_lines():
-        out.print(f"    {line}")
-    for line in result.failures:
-        out.print(f"  [red]{line}[/red]")
-    for line in result.notes:
-        err.print(f"note: {line}")
+    print_check(check.figure_lines(), result.failures, result.notes, indent="    ")
 
 
 @app.command()

@@ -1,0 +1,19 @@
+"""The consoles the commands print to, and how a check's figures, failures and notes are printed."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+EXIT_CHECK_FAILED = 1  # the command ran, but a check it made failed
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_check(figure_lines: list[str], failures: list[str], notes: list[str], indent: str = "  ") -> None:
+    """A check's figures (indented), its failures in red, and its notes on stderr."""
+    for line in figure_lines:
+        out.print(f"{indent}{line}")
+    for line in failures:
+        out.print(f"  [red]{line}[/red]")
+    for line in notes:
+        err.print(f"note: {line}")
