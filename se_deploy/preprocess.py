@@ -84,8 +84,9 @@ class Letterboxer:
             cv2.resize(frame, (w, h), dst=inner, interpolation=cv2.INTER_LINEAR)
         return info
 
-    def prepare(self, frames: list[np.ndarray], out: np.ndarray | None = None) -> tuple[np.ndarray, list[LetterboxInfo]]:
-        """Letterbox BGR frames into ``out`` (N, 3, H, W) float32, or else into the shared buffer; returns it and the infos."""
+    def prepare(self, frames: list[np.ndarray],
+                out: np.ndarray | None = None) -> tuple[np.ndarray, list[LetterboxInfo]]:
+        """Letterbox BGR frames into ``out`` (N, 3, H, W) float32, else the kept buffer; returns it and the infos."""
         if out is None:
             if self.batch is None or len(frames) > len(self.batch):
                 self.batch = np.empty((max(len(frames), self.max_batch), 3, *self.imgsz), np.float32)

@@ -187,8 +187,7 @@ class InputChunk(NamedTuple):
     """Frames of one batch that share an input size, letterboxed into a pooled buffer."""
 
     positions: list[int]  # where the frames sit in their batch
-    buffer: np.ndarray  # the pooled (batch, 3, H, W) array, released after inference
-    batch: np.ndarray  # the part of ``buffer`` that holds these frames
+    buffer: np.ndarray  # the pooled (batch, 3, H, W) array, first len(positions) images filled; freed after inference
     infos: list[LetterboxInfo]
 
 
@@ -331,10 +330,9 @@ class Pipeline:
                 if buffer is None:
                     return
                 start = time.perf_counter()
-                batch, infos = self.shaper.prepare(input_hw, [frames[i].image for i in positions],
-                                                   buffer[: len(positions)])
+                _, infos = self.shaper.prepare(input_hw, [frames[i].image for i in positions], buffer[: len(positions)])
                 self.seconds["preprocess"] += time.perf_counter() - start
-                chunks.append(InputChunk(positions, buffer, batch, infos))
+                chunks.append(InputChunk(positions, buffer, infos))
             if not self._put(self.prepared_q, (frames, chunks)):
                 return
         self._put(self.prepared_q, _DONE)
@@ -344,7 +342,7 @@ class Pipeline:
             start = time.perf_counter()
             preds = []
             for chunk in chunks:
-                preds.append(self.runner.infer(chunk.batch))
+                preds.append(self.runner.infer(chunk.buffer[: len(chunk.positions)]))
                 self.input_pool.release(chunk.buffer)
             self.seconds["infer"] += time.perf_counter() - start
             if not self._put(self.inferred_q, (frames, chunks, preds)):
