@@ -45,14 +45,15 @@ def backend_only(runner, frames, input_hw, batch) -> float:
     return len(inputs) / (time.perf_counter() - start)
 
 
-def pipeline(runner, video, out, batch, helper_nice=None) -> float:
+def pipeline(runner, video, out, batch, helper_nice=None, video_codec="mjpeg") -> float:
     """FPS of the threaded pipeline, writing the annotated video and the JSONL."""
+    settings = InferSettings(batch=batch, helper_nice=helper_nice, video_codec=video_codec)
     with open_source(video) as source:
-        return run_inference(runner, source, out, InferSettings(batch=batch, helper_nice=helper_nice)).fps
+        return run_inference(runner, source, out, settings).fps
 
 
 def plain_loop(runner, video, out, input_hw) -> float:
-    """FPS of a sequential per-frame loop doing the same work."""
+    """FPS of a sequential per-frame loop doing the same work, writing detect.py's mp4v video."""
     cap = cv2.VideoCapture(video)
     w, h, fps = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), cap.get(cv2.CAP_PROP_FPS)
     writer = cv2.VideoWriter(str(out / "loop.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
     parser.add_argument("--imgsz", type=int, default=320, help="letterbox size for models of any input size")
     parser.add_argument("--helper-nice", type=int, default=None, help="as `infer --helper-nice` (default: infer's)")
+    parser.add_argument("--video-codec", default="mjpeg", help="as `infer --video-codec` (default: infer's)")
     args = parser.parse_args()
 
     options = {"threads": args.threads} if args.model.endswith(".onnx") and args.threads else {}
@@ -97,7 +99,8 @@ def main() -> None:
         print(f"{runner.description}; {len(frames)} frames {frames[0].shape[1]}x{frames[0].shape[0]} -> "
               f"{input_hw[0]}x{input_hw[1]}, batch {args.batch}")
         measures = {"backend": lambda: backend_only(runner, frames, input_hw, args.batch),
-                    "pipeline": lambda: pipeline(runner, args.video, Path(tmp), args.batch, args.helper_nice),
+                    "pipeline": lambda: pipeline(runner, args.video, Path(tmp), args.batch, args.helper_nice,
+                                                 args.video_codec),
                     "loop": lambda: plain_loop(runner, args.video, Path(tmp), input_hw)}
         runs = {name: [] for name in measures}
         cpu_ms = {name: [] for name in measures}  # process CPU time per frame, all threads

@@ -35,6 +35,7 @@ from se_deploy.postprocess import non_max_suppression, scale_boxes
 from se_deploy.preprocess import LetterboxInfo, Letterboxer, letterbox_geometry
 from se_deploy.runners.base import Runner
 from se_deploy.sources import Frame, Source
+from se_deploy.video_writer import SUFFIXES, VideoWriter, check_codec
 
 STAGES = ("decode", "preprocess", "infer", "postprocess", "encode")
 QUEUE_DEPTH = 2  # batches waiting between two stages
@@ -59,7 +60,7 @@ class InferSettings:
     max_det: int = 300
     batch: int = 1
     save_media: bool = True  # annotated video / images besides detections.jsonl
-    fourcc: str = "mp4v"
+    video_codec: str = "mjpeg"  # "mjpeg" (.avi, cheapest to encode) or "mp4v" (.mp4, detect.py's, ~4x smaller)
     helper_nice: int | None = None  # nice steps (0-19) for the other threads; None: CPU_HELPER_NICE on a CPU, else 0
 
 
@@ -195,14 +196,14 @@ class MediaWriter:
     """Writes each finished frame: a detections.jsonl line, and the annotated frame to a video or image."""
 
     def __init__(self, names: dict[int, str], jsonl_path: Path, video_path: Path | None, image_dir: Path | None,
-                 fps: float, fourcc: str):
+                 fps: float, codec: str):
         self.names = names
         self._jsonl = open(jsonl_path, "w", encoding="utf-8", buffering=1)  # line-buffered: tail -f works
         self._video_path = video_path
         self._image_dir = image_dir
         self._fps = fps
-        self._fourcc = cv2.VideoWriter_fourcc(*fourcc)
-        self._video = None
+        self._codec = codec
+        self._video: VideoWriter | None = None
         self._annotator: Annotator | None = None
 
     def _annotate(self, image: np.ndarray, dets: np.ndarray) -> None:
@@ -218,9 +219,7 @@ class MediaWriter:
         if self._video_path:
             if self._video is None:
                 h, w = frame.image.shape[:2]
-                self._video = cv2.VideoWriter(str(self._video_path), self._fourcc, self._fps, (w, h))
-                if not self._video.isOpened():
-                    raise SeDeployError(f"{self._video_path}: OpenCV cannot write this video")
+                self._video = VideoWriter(self._video_path, self._codec, self._fps, (w, h))
             self._video.write(frame.image)
         elif self._image_dir:
             target = self._image_dir / Path(frame.name).name
@@ -233,7 +232,7 @@ class MediaWriter:
 
     def close(self) -> None:
         if self._video is not None:
-            self._video.release()  # writes the index: the file is playable from here on
+            self._video.release()
             self._video = None
         self._jsonl.close()
 
@@ -432,7 +431,7 @@ def run_inference(runner: Runner, source: Source, out_dir: str | Path, settings:
     """Detect objects in every frame of ``source`` with the activated ``runner``; write outputs to ``out_dir``.
 
     Writes ``detections.jsonl`` (one line per frame, boxes in original-frame pixels) and, unless
-    ``settings.save_media`` is off, the annotated video (``<source>.mp4``, the source's size and fps) or
+    ``settings.save_media`` is off, the annotated video (``<source>.avi`` or ``.mp4``, the source's size and fps) or
     annotated images. ``on_frame(done)`` is called after each written frame (for a progress display).
     """
     settings = settings or InferSettings()
@@ -440,6 +439,7 @@ def run_inference(runner: Runner, source: Source, out_dir: str | Path, settings:
         raise SeDeployError(f"--batch {settings.batch}: must be at least 1")
     if settings.helper_nice is not None and not 0 <= settings.helper_nice <= 19:
         raise SeDeployError(f"--helper-nice {settings.helper_nice}: expected 0 (off) to 19")
+    check_codec(settings.video_codec)
     out_dir = Path(out_dir)
     shaper = InputShaper(runner, settings)
     warm_up(runner, shaper, source, settings.batch)
@@ -452,11 +452,11 @@ def run_inference(runner: Runner, source: Source, out_dir: str | Path, settings:
             image_dir = out_dir
             outputs["images"] = str(out_dir)
         elif settings.save_media:
-            video_path = out_dir / f"{source.output_stem}.mp4"
+            video_path = out_dir / f"{source.output_stem}{SUFFIXES[settings.video_codec]}"
             video_tmp = stack.enter_context(atomic_output(video_path))
             outputs["video"] = str(video_path)
         writer = MediaWriter(runner.names, jsonl_tmp, video_tmp, image_dir, source.fps or DEFAULT_FPS,
-                             settings.fourcc)
+                             settings.video_codec)
         stack.callback(writer.close)  # closed before the temporary files are renamed
         pipeline = Pipeline(runner, source, shaper, writer, settings, on_frame)
         with _ctrl_c_stops(pipeline):

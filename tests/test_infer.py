@@ -107,13 +107,30 @@ def torch_square_clip(fixtures, single_thread_torch, tmp_path_factory):
 
 def test_infer_video_writes_playable_annotated_copy(onnx_clip_run):
     _, out, summary = onnx_clip_run
-    video = out / "synth_shapes_60f.mp4"
+    video = out / "synth_shapes_60f.avi"  # Motion JPEG by default
     assert summary["outputs"] == {"jsonl": str(out / "detections.jsonl"), "video": str(video)}
     assert video_facts(video) == video_facts(CLIP) == (60, 640, 480, 30.0)
     assert no_partial_files(out)
     original = cv2.VideoCapture(str(CLIP)).read()[1]
     annotated = cv2.VideoCapture(str(video)).read()[1]
     assert np.abs(original.astype(int) - annotated).max() > 100  # boxes were drawn on it
+    packets = cv2.VideoCapture(str(video), cv2.CAP_FFMPEG, [cv2.CAP_PROP_FORMAT, -1])  # undecoded
+    key_frames = []
+    while packets.grab():
+        key_frames.append(packets.get(cv2.CAP_PROP_LRF_HAS_KEY_FRAME))
+    assert key_frames == [1] * 60  # each frame stands alone: seeks land exactly, a cut loses nothing before it
+
+
+def test_mp4v_video_codec_writes_detect_py_format(fixtures, tmp_path):
+    result, _ = run_library(UPSTREAM_ONNX, str(CLIP), tmp_path, video_codec="mp4v")
+    assert result.outputs["video"] == str(tmp_path / "synth_shapes_60f.mp4")
+    cap = cv2.VideoCapture(result.outputs["video"])
+    assert int(cap.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little") in (b"FMP4", b"mp4v")  # MPEG-4 Part 2
+    assert video_facts(tmp_path / "synth_shapes_60f.mp4") == (60, 640, 480, 30.0)
+    mjpeg = tmp_path / "mjpeg"
+    run_library(UPSTREAM_ONNX, str(CLIP), mjpeg)
+    # the same drawn frames, within what the two lossy codecs change
+    assert cv2.PSNR(cap.read()[1], cv2.VideoCapture(str(mjpeg / "synth_shapes_60f.avi")).read()[1]) > 30
 
 
 def test_infer_json_summary_and_jsonl_records(onnx_clip_run):
@@ -256,7 +273,8 @@ def test_without_model_the_newest_artifact_is_used_and_named(fixtures, tmp_path)
 
 
 # robustness ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["missing", "text", "zero-frames", "model-suffix", "imgsz", "batch", "helper-nice"])
+@pytest.mark.parametrize("case", ["missing", "text", "zero-frames", "model-suffix", "imgsz", "batch", "helper-nice",
+                                  "video-codec"])
 def test_bad_input_is_one_line_error_and_writes_nothing(fixtures, tmp_path, case):
     video, model, extra = tmp_path / "clip.mp4", UPSTREAM_ONNX, []
     if case == "text":
@@ -268,7 +286,8 @@ def test_bad_input_is_one_line_error_and_writes_nothing(fixtures, tmp_path, case
     if case == "model-suffix":
         model = tmp_path / "model.tflite"
         model.write_bytes(b"\0" * 64)
-    extra = {"imgsz": ["--imgsz", "640"], "batch": ["--batch", "0"], "helper-nice": ["--helper-nice", "-1"]}.get(case, [])
+    extra = {"imgsz": ["--imgsz", "640"], "batch": ["--batch", "0"], "helper-nice": ["--helper-nice", "-1"],
+             "video-codec": ["--video-codec", "h264"]}.get(case, [])
     out = tmp_path / "out"
     proc = run_cli("infer", video, "--model", model, "--out", out, *extra)
     assert proc.returncode == 2, proc.stderr
@@ -276,7 +295,8 @@ def test_bad_input_is_one_line_error_and_writes_nothing(fixtures, tmp_path, case
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
     expected = {"missing": "no such file", "text": "cannot be opened", "zero-frames": str(video),
                 "model-suffix": "unknown model type", "imgsz": "built for 320x320", "batch": "--batch",
-                "helper-nice": "--helper-nice -1"}[case]
+                "helper-nice": "--helper-nice -1",
+                "video-codec": "--video-codec h264: expected one of mjpeg, mp4v"}[case]
     assert expected in lines[0]
     assert not out.exists() or not any(out.iterdir())
 
@@ -336,7 +356,7 @@ def test_ctrl_c_keeps_a_playable_video_and_complete_jsonl(long_clip, tmp_path):
     records = read_jsonl(out / "detections.jsonl")  # every line complete
     assert 5 <= len(records) < 420
     assert [r["frame"] for r in records] == list(range(len(records)))
-    count, w, h, fps = video_facts(out / "long.mp4")
+    count, w, h, fps = video_facts(out / "long.avi")
     assert (count, w, h, fps) == (len(records), 320, 240, 30.0)
     assert no_partial_files(out)
 
