@@ -53,17 +53,30 @@ def non_max_suppression(pred, conf_thres=0.25, iou_thres=0.45, classes=None, max
             continue
         order = np.argsort(-conf, kind="stable")[:MAX_NMS]
         boxes, conf, cls = boxes[order], conf[order], cls[order]
-        keep = nms(boxes + (0 if agnostic else cls[:, None] * MAX_WH), conf, iou_thres)[:max_det]
+        keep = nms(boxes + (0 if agnostic else cls[:, None] * MAX_WH), conf, iou_thres, max_det)
         results.append(np.concatenate((boxes[keep], conf[keep, None], cls[keep, None]), 1).astype(np.float32))
     return results
 
 
-def nms(boxes_xyxy: np.ndarray, scores: np.ndarray, iou_thres: float) -> np.ndarray:
-    """Greedy NMS (OpenCV); indices of kept boxes, highest score first."""
+def nms(boxes_xyxy: np.ndarray, scores: np.ndarray, iou_thres: float, max_det: int | None = None) -> np.ndarray:
+    """Greedy NMS (OpenCV); indices of the kept boxes (the first ``max_det`` of them), highest score first.
+
+    Greedy NMS decides each box by the higher-scored boxes alone, so NMS over only the top-scored
+    candidates keeps the same first boxes as NMS over all of them. It starts with a few times
+    ``max_det`` candidates and widens until ``max_det`` boxes survive: at mAP's conf 0.001, where
+    thousands of boxes survive, that is several times faster than running over all of them.
+    """
     xywh = np.concatenate((boxes_xyxy[:, :2], boxes_xyxy[:, 2:] - boxes_xyxy[:, :2]), 1).astype(np.float64)
-    keep = cv2.dnn.NMSBoxes(xywh, scores.astype(np.float32), 0.0, float(iou_thres))
+    scores = scores.astype(np.float32)
+    top_k = 4 * max_det if max_det else len(scores)
+    while True:
+        top_k = min(top_k, len(scores))
+        keep = cv2.dnn.NMSBoxes(xywh, scores, 0.0, float(iou_thres), top_k=top_k)
+        if top_k == len(scores) or len(keep) >= max_det:
+            break
+        top_k *= 4
     keep = np.asarray(keep, dtype=np.int64).reshape(-1)
-    return keep[np.argsort(-scores[keep], kind="stable")]
+    return keep[np.argsort(-scores[keep], kind="stable")][:max_det]
 
 
 def scale_boxes(dets: np.ndarray, info: LetterboxInfo) -> np.ndarray:

@@ -130,6 +130,26 @@ def test_nms_is_class_aware_and_greedy():
     assert set(non_max_suppression(pred, 0.25, 0.45, classes=[1])[0][:, 5]) == {1.0}
 
 
+def test_max_det_keeps_the_same_first_boxes_as_nms_over_everything():
+    """At mAP's conf 0.001 a detector sends ~100 near-copies of each object to NMS, the most confident
+    objects' copies first; stopping once max_det boxes survive must not change which survive."""
+    rng = np.random.default_rng(1)
+    objects, copies, nc = 60, 100, 3
+    centre, size = rng.uniform(20, 300, (objects, 2)), rng.uniform(15, 40, (objects, 2))
+    objectness, class_scores = rng.uniform(0.01, 1.0, objects), rng.uniform(0.05, 1.0, (objects, nc))
+    of = np.repeat(np.arange(objects), copies)  # the object each prediction is a copy of
+    pred = np.zeros((1, objects * copies, 5 + nc), np.float32)
+    pred[0, :, :2] = centre[of] + rng.uniform(-1, 1, (len(of), 2))
+    pred[0, :, 2:4] = size[of] + rng.uniform(-1, 1, (len(of), 2))
+    pred[0, :, 4] = objectness[of] * rng.uniform(0.9, 1.0, len(of))
+    pred[0, :, 5:] = class_scores[of] * rng.uniform(0.9, 1.0, (len(of), nc))
+    everything = non_max_suppression(pred, 0.001, 0.6, max_det=len(of) * nc, multi_label=True)[0]
+    assert len(everything) == objects * nc  # one box per object and class survives
+    for max_det in (1, 50, 100, 150):
+        dets = non_max_suppression(pred, 0.001, 0.6, max_det=max_det, multi_label=True)[0]
+        assert np.array_equal(dets, everything[:max_det])
+
+
 def test_detection_agreement():
     a = [np.array([[0, 0, 10, 10, 0.9, 0], [20, 20, 30, 30, 0.8, 1]], np.float32)]
     assert detection_agreement(a, a) == 1.0
