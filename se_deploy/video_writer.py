@@ -33,12 +33,10 @@ class VideoWriter:
     def __init__(self, path: str | Path, codec: str, fps: float, size_wh: tuple[int, int]):
         self.path = Path(path)
         self._jpeg = check_codec(codec) == "mjpeg"
-        if self._jpeg:
-            params = [cv2.VIDEOWRITER_PROP_RAW_VIDEO, 1, cv2.VIDEOWRITER_PROP_KEY_INTERVAL, 1]
-            self._writer = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*"MJPG"), fps, size_wh,
-                                           params)
-        else:
-            self._writer = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*"mp4v"), fps, size_wh)
+        # Motion JPEG: FFmpeg only muxes the JPEGs we hand it (raw video), each one a key frame
+        fourcc, params = ("MJPG", [cv2.VIDEOWRITER_PROP_RAW_VIDEO, 1, cv2.VIDEOWRITER_PROP_KEY_INTERVAL, 1]) \
+            if self._jpeg else ("mp4v", [])
+        self._writer = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*fourcc), fps, size_wh, params)
         if not self._writer.isOpened():
             raise SeDeployError(f"{path}: OpenCV cannot write this video")
         self._jpeg_params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
