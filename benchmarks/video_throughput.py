@@ -26,12 +26,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from se_deploy.annotate import Annotator  # noqa: E402
-from se_deploy.postprocess import non_max_suppression, scale_boxes  # noqa: E402
-from se_deploy.preprocess import LetterboxInfo, letterbox, to_input  # noqa: E402
+from se_deploy.inference.annotate import Annotator  # noqa: E402
+from se_deploy.inference.postprocess import non_max_suppression, scale_boxes  # noqa: E402
+from se_deploy.inference.preprocess import LetterboxInfo, letterbox, to_input  # noqa: E402
 from se_deploy.runners import load_runner  # noqa: E402
-from se_deploy.sources import open_source  # noqa: E402
-from se_deploy.video_pipeline import InferSettings, InputShaper, detection_records, run_inference  # noqa: E402
+from se_deploy.inference.sources import open_source  # noqa: E402
+from se_deploy.inference.video_pipeline import InferSettings, InputShaper, detection_records, run_inference  # noqa: E402
 
 FIXTURES = Path(REPO.parent / "shared" / "fixtures")
 

@@ -60,13 +60,13 @@ class Skip(Exception):
 
 
 def images() -> list[Path]:
-    from se_deploy.preprocess import image_paths
+    from se_deploy.inference.preprocess import image_paths
 
     return image_paths(DEMO_IMAGES)
 
 
 def batch_of(paths) -> np.ndarray:
-    from se_deploy.preprocess import Letterboxer, read_image
+    from se_deploy.inference.preprocess import Letterboxer, read_image
 
     batch, _ = Letterboxer((IMGSZ, IMGSZ), max_batch=len(paths)).prepare([read_image(p) for p in paths])
     return batch.copy()
@@ -74,7 +74,7 @@ def batch_of(paths) -> np.ndarray:
 
 def compare(pred: np.ndarray, ref: np.ndarray, precision: str) -> tuple[bool, str]:
     """``check``'s verdict and figures for two raw outputs."""
-    from se_deploy.quantize import compare_outputs
+    from se_deploy.precision.quantize import compare_outputs
 
     figures = compare_outputs(pred, ref, precision)
     boxes, scores = figures["max_abs_error"]["boxes"], figures["max_abs_error"]["scores"]
@@ -111,7 +111,7 @@ def torch_fp16():
 
 @step("export ONNX (static batch 1 and dynamic batch)")
 def export(tmp: Path):
-    from se_deploy.export import export_onnx
+    from se_deploy.export.onnx_export import export_onnx
 
     static = export_onnx(DEMO_WEIGHTS, tmp / "shapes.onnx", imgsz=IMGSZ, check=False).onnx
     dynamic = export_onnx(DEMO_WEIGHTS, tmp / "shapes-dyn.onnx", imgsz=IMGSZ, dynamic=True, check=False).onnx
@@ -122,7 +122,7 @@ def export(tmp: Path):
 def ort_cuda(static: Path, fp16: Path | None):
     import onnxruntime as ort
 
-    from se_deploy.parity import run_parity_check
+    from se_deploy.evaluation.parity import run_parity_check
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise Skip("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
@@ -145,7 +145,7 @@ def ort_cuda(static: Path, fp16: Path | None):
 def quantize_fp16(static: Path, tmp: Path):
     if importlib.util.find_spec("modelopt") is None:
         raise Skip("ModelOpt is not installed (pip install 'se-deploy[quantize]')")
-    from se_deploy.quantize import quantize_onnx
+    from se_deploy.precision.quantize import quantize_onnx
 
     result = quantize_onnx(static, "fp16", out=tmp / "shapes.fp16.onnx")
     return "verified", f"agree {result.check.detection_agreement:.1%}", result.path
@@ -169,8 +169,8 @@ def calibration_frames(tmp: Path, count: int = 32) -> Path:
 
 @step("TensorRT FP16 engine: build, manifest, check vs PyTorch")
 def trt_fp16(static: Path, tmp: Path):
-    from se_deploy.parity import run_parity_check
-    from se_deploy.trt_builder import build_engine
+    from se_deploy.evaluation.parity import run_parity_check
+    from se_deploy.tensorrt.builder import build_engine
 
     if importlib.util.find_spec("tensorrt") is None:
         raise Skip("tensorrt is not installed (pip install 'se-deploy[trt]')")
@@ -184,8 +184,8 @@ def trt_fp16(static: Path, tmp: Path):
 
 @step("TensorRT INT8 engine (Q/DQ, calibrated on clip frames) vs PyTorch")
 def trt_int8(static: Path, tmp: Path):
-    from se_deploy.parity import run_parity_check
-    from se_deploy.trt_builder import build_engine
+    from se_deploy.evaluation.parity import run_parity_check
+    from se_deploy.tensorrt.builder import build_engine
 
     if importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("modelopt") is None:
         raise Skip("needs tensorrt and ModelOpt")
@@ -199,7 +199,7 @@ def trt_int8(static: Path, tmp: Path):
 @step("TensorRT dynamic batch: profile 1/1/4, batch 3 == three batches of 1")
 def trt_dynamic(dynamic: Path, tmp: Path):
     from se_deploy.runners import load_runner
-    from se_deploy.trt_builder import build_engine
+    from se_deploy.tensorrt.builder import build_engine
 
     if importlib.util.find_spec("tensorrt") is None:
         raise Skip("tensorrt is not installed")
@@ -219,7 +219,7 @@ def trt_dynamic(dynamic: Path, tmp: Path):
 def trt_guard(engine: Path, tmp: Path):
     import json
 
-    from se_deploy.engine_manifest import manifest_path
+    from se_deploy.tensorrt.engine_manifest import manifest_path
     from se_deploy.runners import load_runner
 
     if engine is None:

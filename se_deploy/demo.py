@@ -23,11 +23,11 @@ class DemoReport:
 
     weights: Path
     onnx: Path | None = None
-    onnx_parity: object | None = None  # se_deploy.parity.ParityReport
+    onnx_parity: object | None = None  # se_deploy.evaluation.parity.ParityReport
     engine: Path | None = None
     engine_parity: object | None = None
     tensorrt_note: str = ""
-    infer: object | None = None  # se_deploy.video_pipeline.InferResult
+    infer: object | None = None  # se_deploy.inference.video_pipeline.InferResult
 
     @property
     def passed(self) -> bool:
@@ -41,11 +41,11 @@ def run_demo(out_dir: str | Path = DEMO_DIR, imgsz: int = DEMO_IMGSZ, tensorrt: 
 
     ``tensorrt``: None builds an engine only when TensorRT is usable here; False skips it.
     """
-    from se_deploy.export import export_onnx
+    from se_deploy.export.onnx_export import export_onnx
     from se_deploy.model_select import tensorrt_usable
     from se_deploy.runners import load_runner
-    from se_deploy.sources import open_source
-    from se_deploy.video_pipeline import InferSettings, run_inference
+    from se_deploy.inference.sources import open_source
+    from se_deploy.inference.video_pipeline import InferSettings, run_inference
 
     say = say or (lambda message: None)
     out_dir, engines_dir = Path(out_dir), Path(engines_dir)
@@ -77,8 +77,8 @@ def run_demo(out_dir: str | Path = DEMO_DIR, imgsz: int = DEMO_IMGSZ, tensorrt: 
 
 def build_checked_engine(onnx_path: Path, out_dir: Path, say: Callable[[str], None]):
     """Build an FP16 TensorRT engine from ``onnx_path`` (into ``out_dir``) and check it against the checkpoint."""
-    from se_deploy.parity import run_parity_check
-    from se_deploy.trt_builder import build_engine
+    from se_deploy.evaluation.parity import run_parity_check
+    from se_deploy.tensorrt.builder import build_engine
 
     say("TensorRT: building an FP16 engine")
     built = build_engine(onnx_path, out_dir / f"{onnx_path.stem}.engine", precision="fp16", directory=out_dir,

@@ -23,7 +23,7 @@ def tensorrt_usable() -> bool:
     """TensorRT, cuda-python and a CUDA GPU are all there (probed only where TensorRT is installed)."""
     if importlib.util.find_spec("tensorrt") is None:
         return False
-    from se_deploy.engine_manifest import current_environment
+    from se_deploy.tensorrt.engine_manifest import current_environment
 
     try:
         current_environment()

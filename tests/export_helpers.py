@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx
 
-from se_deploy.se_graph_pass import CANONICAL, FORBIDDEN, find_se_blocks
+from se_deploy.export.se_graph_pass import CANONICAL, FORBIDDEN, find_se_blocks
 
 SE_BLOCKS = 3  # in tiny_yaml
 ANCHORS = [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]

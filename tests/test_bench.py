@@ -8,7 +8,7 @@ import shutil
 import pytest
 from conftest import CHECKPOINT, FIXTURES, run_cli
 
-from se_deploy.bench import benchmark
+from se_deploy.inference.bench import benchmark
 from se_deploy.errors import SeDeployError
 from se_deploy.model_select import newest_of_each_kind, select_model
 from se_deploy.runners import load_runner

@@ -12,8 +12,8 @@ from conftest import CHECKPOINT, FIXTURES
 from export_helpers import run_main, save_tiny_checkpoint
 
 from se_deploy.errors import SeDeployError
-from se_deploy.export import export_onnx
-from se_deploy.parity import THRESHOLDS, run_parity_check
+from se_deploy.export.onnx_export import export_onnx
+from se_deploy.evaluation.parity import THRESHOLDS, run_parity_check
 
 UPSTREAM_ONNX = FIXTURES / "onnx" / "upstream-export-320.onnx"
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import run_cli
 
-from se_deploy.dataset import label_path, load_dataset
+from se_deploy.evaluation.dataset import label_path, load_dataset
 from se_deploy.errors import SeDeployError
 
 NAMES = {0: "circle", 1: "rectangle", 2: "triangle"}

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import cv2
 from conftest import FIXTURES, run_cli
 
-from se_deploy import demo, export
+from se_deploy import demo
+from se_deploy.export import onnx_export as export
 from se_deploy.artifacts import DEMO_VIDEO
 from se_deploy.model_select import tensorrt_usable
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from se_deploy import engine_manifest as em
+from se_deploy.tensorrt import engine_manifest as em
 from se_deploy.errors import SeDeployError
 from tests.conftest import run_cli
 

@@ -17,8 +17,8 @@ from export_helpers import SE_BLOCKS, assert_canonical, run_main, save_tiny_chec
 from se_deploy import __version__
 from se_deploy.artifacts import sha256_file
 from se_deploy.errors import SeDeployError
-from se_deploy.export import export_onnx
-from se_deploy.postprocess import non_max_suppression
+from se_deploy.export.onnx_export import export_onnx
+from se_deploy.inference.postprocess import non_max_suppression
 
 REF_INPUTS = ("input_val3", "input_rand_seed0", "input_video_f0_f30")
 
@@ -183,7 +183,7 @@ def tiny_raw_onnx():
 
 
 def test_simplify_falls_back_to_onnxslim_and_says_so(tiny_raw_onnx, monkeypatch):
-    from se_deploy import simplify
+    from se_deploy.export import simplify
 
     def broken(model):
         raise RuntimeError("boom")
@@ -196,7 +196,7 @@ def test_simplify_falls_back_to_onnxslim_and_says_so(tiny_raw_onnx, monkeypatch)
 
 
 def test_simplify_without_onnxsim_uses_onnxslim(tiny_raw_onnx, monkeypatch):
-    from se_deploy import simplify
+    from se_deploy.export import simplify
 
     monkeypatch.setitem(sys.modules, "onnxsim", None)  # import onnxsim -> ImportError
     result = simplify.simplify(tiny_raw_onnx)
@@ -205,7 +205,7 @@ def test_simplify_without_onnxsim_uses_onnxslim(tiny_raw_onnx, monkeypatch):
 
 
 def test_simplify_without_any_simplifier_is_an_error(tiny_raw_onnx, monkeypatch):
-    from se_deploy import simplify
+    from se_deploy.export import simplify
 
     monkeypatch.setitem(sys.modules, "onnxsim", None)
     monkeypatch.setitem(sys.modules, "onnxslim", None)

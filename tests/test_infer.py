@@ -20,10 +20,10 @@ from conftest import CHECKPOINT, FIXTURES, REPO, run_cli
 from test_sources import MjpegCamera, corrupt_copy
 
 from se_deploy.errors import SeDeployError
-from se_deploy.postprocess import match_detections
+from se_deploy.inference.postprocess import match_detections
 from se_deploy.runners import load_runner
-from se_deploy.sources import open_source
-from se_deploy.video_pipeline import CPU_HELPER_NICE, InferSettings, run_inference
+from se_deploy.inference.sources import open_source
+from se_deploy.inference.video_pipeline import CPU_HELPER_NICE, InferSettings, run_inference
 
 CLIP = FIXTURES / "video" / "synth_shapes_60f.mp4"
 UPSTREAM_ONNX = FIXTURES / "onnx" / "upstream-export-320.onnx"

@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from se_deploy import precision_budget
-from se_deploy.precision_budget import fit_map_budget, keep_in_high_precision, quantized_blocks
+from se_deploy.precision import precision_budget
+from se_deploy.precision.precision_budget import fit_map_budget, keep_in_high_precision, quantized_blocks
 
 BLOCKS = ["model.0", "model.1", "model.2"]
 
@@ -80,9 +80,9 @@ def fake_map(monkeypatch):
         calls.append(path)
         return {"map50_95": 0.5 - sum(LOSS[b] for b in quantized_blocks(model)) - penalty}
 
-    import se_deploy.evaluate
+    import se_deploy.evaluation.evaluate
 
-    monkeypatch.setattr(se_deploy.evaluate, "evaluate", evaluate)
+    monkeypatch.setattr(se_deploy.evaluation.evaluate, "evaluate", evaluate)
     return calls
 
 

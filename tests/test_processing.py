@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from conftest import REFS, REPO
 
-from se_deploy.annotate import Annotator, class_colour
+from se_deploy.inference.annotate import Annotator, class_colour
 from se_deploy.errors import SeDeployError
-from se_deploy.postprocess import box_iou, detection_agreement, non_max_suppression, scale_boxes
-from se_deploy.preprocess import Letterboxer, letterbox, to_input
+from se_deploy.inference.postprocess import box_iou, detection_agreement, non_max_suppression, scale_boxes
+from se_deploy.inference.preprocess import Letterboxer, letterbox, to_input
 from se_deploy.runners import load_runner
-from se_deploy.video_pipeline import BufferPool
+from se_deploy.inference.video_pipeline import BufferPool
 
 
 def _video_frames(fixtures, indices):
@@ -84,7 +84,7 @@ def test_nms_matches_upstream(name):
 def test_scale_boxes_to_original_frame():
     pred = np.load(REFS / "se-yolov5n-shapes" / "raw_input_video_f0_f30.npy")
     ref = json.loads((REFS / "se-yolov5n-shapes" / "nms_input_video_f0_f30.json").read_text())
-    from se_deploy.preprocess import LetterboxInfo
+    from se_deploy.inference.preprocess import LetterboxInfo
 
     info = LetterboxInfo((480, 640), 0.5, (0.0, 40.0))
     for dets, entry in zip(non_max_suppression(pred), ref["detections"]):
@@ -189,7 +189,7 @@ def test_onnx_path_does_not_import_torch(fixtures):
         "import sys, numpy as np\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
         "from se_deploy.runners import load_runner\n"
-        "from se_deploy.postprocess import non_max_suppression\n"
+        "from se_deploy.inference.postprocess import non_max_suppression\n"
         f"r = load_runner({str(fixtures / 'onnx' / 'upstream-export-320.onnx')!r}).activate()\n"
         "non_max_suppression(r.infer(np.zeros((1, 3, 320, 320), np.float32)))\n"
         "print('torch' in sys.modules)\n"

@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from se_deploy.errors import SeDeployError
-from se_deploy.quantize import (
+from se_deploy.precision.quantize import (
     QuantizeCheckFailed,
     detect_nodes,
     qdq_report,
@@ -221,8 +221,8 @@ def test_qdq_report_flags_asymmetric_quantization():
 
 # --- calibration pre-processing ------------------------------------------------------------------------
 def test_calibration_batches_are_the_inference_preprocessing(train_images):
-    from se_deploy.calibration import LetterboxCalibrationReader, select_images
-    from se_deploy.preprocess import letterbox, read_image, to_input
+    from se_deploy.precision.calibration import LetterboxCalibrationReader, select_images
+    from se_deploy.inference.preprocess import letterbox, read_image, to_input
 
     files = select_images(train_images, 3)
     reader = LetterboxCalibrationReader(files, "images", (256, 256))
@@ -236,7 +236,7 @@ def test_calibration_batches_are_the_inference_preprocessing(train_images):
 
 
 def test_calibration_images_are_spread_over_the_set(train_images):
-    from se_deploy.calibration import select_images
+    from se_deploy.precision.calibration import select_images
 
     files = sorted(train_images.glob("*.jpg"))
     assert select_images(train_images, 4) == [files[i] for i in (0, 5, 10, 15)]
@@ -246,7 +246,7 @@ def test_calibration_images_are_spread_over_the_set(train_images):
 
 
 def test_static_batch_takes_whole_batches(train_images):
-    from se_deploy.calibration import LetterboxCalibrationReader, select_images
+    from se_deploy.precision.calibration import LetterboxCalibrationReader, select_images
 
     files = select_images(train_images, 5)
     assert len(LetterboxCalibrationReader(files, "images", (64, 64), batch=2)) == 4

@@ -12,7 +12,7 @@ import pytest
 from conftest import CHECKPOINT, FIXTURES, run_cli
 
 from se_deploy.errors import SeDeployError
-from se_deploy.report import build_report, make_artifacts, markdown, parse_precisions, plot
+from se_deploy.evaluation.report import build_report, make_artifacts, markdown, parse_precisions, plot
 
 VAL_IMAGES = 12
 

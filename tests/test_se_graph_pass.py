@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from se_deploy.se_graph_pass import FORBIDDEN, clean_se_blocks, find_se_blocks
+from se_deploy.export.se_graph_pass import FORBIDDEN, clean_se_blocks, find_se_blocks
 from export_helpers import SE_BLOCKS, assert_canonical, tiny_model
 
 IMGSZ = 64
@@ -52,7 +52,7 @@ def exports():
 
 
 def _simplified(model: onnx.ModelProto, tool: str) -> onnx.ModelProto:
-    from se_deploy import simplify
+    from se_deploy.export import simplify
 
     if tool == "onnxsim":
         return simplify._onnxsim(model)

@@ -12,7 +12,7 @@ import pytest
 from conftest import FIXTURES
 
 from se_deploy.errors import SeDeployError
-from se_deploy.sources import ImageSource, LiveSource, VideoFileSource, open_source
+from se_deploy.inference.sources import ImageSource, LiveSource, VideoFileSource, open_source
 
 CLIP = FIXTURES / "video" / "synth_shapes_60f.mp4"
 VAL_IMAGES = FIXTURES / "dataset" / "images" / "val"
@@ -173,7 +173,7 @@ def test_stream_that_drops_is_reopened_then_ends(dropping_camera):
 
 
 def test_stalled_stream_times_out_and_counts_as_dropped(fixtures, monkeypatch):
-    from se_deploy import sources
+    from se_deploy.inference import sources
 
     monkeypatch.setattr(sources, "STREAM_TIMEOUTS_MS", [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 2000,
                                                         cv2.CAP_PROP_READ_TIMEOUT_MSEC, 500])

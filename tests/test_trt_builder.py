@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import onnx
 import pytest
 
-from se_deploy import trt_builder as tb
-from se_deploy.engine_manifest import Environment
+from se_deploy.tensorrt import builder as tb
+from se_deploy.tensorrt.engine_manifest import Environment
 from se_deploy.errors import SeDeployError
 
 ENV = Environment(tensorrt="10.3.0", cuda_runtime="12.6", cuda_driver="12.6", gpu_name="NVIDIA GeForce RTX 4090",

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import CHECKPOINT, FIXTURES, run_cli
 
-from se_deploy.dataset import Dataset
+from se_deploy.evaluation.dataset import Dataset
 from se_deploy.errors import SeDeployError
-from se_deploy.evaluate import coco_map, evaluate, fit_image, plan_batches
+from se_deploy.evaluation.evaluate import coco_map, evaluate, fit_image, plan_batches
 
 DATA = FIXTURES / "dataset" / "synth_shapes.yaml"
 UPSTREAM_ONNX = FIXTURES / "onnx" / "upstream-export-320.onnx"

@@ -51,7 +51,7 @@ def val(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
 ) -> None:
     """mAP@0.5 and mAP@0.5:0.95 (pycocotools), overall and per class, of any model on a YOLOv5 dataset."""
-    from se_deploy.evaluate import evaluate
+    from se_deploy.evaluation.evaluate import evaluate
 
     with Progress(console=err, transient=True, disable=not sys.stderr.isatty()) as progress:
         result = evaluate(model, data, imgsz=imgsz, batch=batch, conf_thres=conf, iou_thres=iou, max_det=max_det,
@@ -95,7 +95,7 @@ def report(
     skip_bad_labels: bool = SkipBadOpt,
 ) -> None:
     """Export, quantize and build what is missing, then one table: accuracy, size, speed and parity per artifact."""
-    from se_deploy.report import COLUMNS, build_report, cells, write_report
+    from se_deploy.evaluation.report import COLUMNS, build_report, cells, write_report
 
     with Progress(console=err, transient=True, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task("report", total=None)

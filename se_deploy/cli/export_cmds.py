@@ -53,8 +53,8 @@ def export(
     trust_checkpoint: bool = TrustOpt,
 ) -> None:
     """Export a checkpoint to a clean ONNX (fused, simplified, canonical SE blocks) and prove parity."""
-    from se_deploy.export import export_onnx
-    from se_deploy.se_graph_pass import CANONICAL
+    from se_deploy.export.onnx_export import export_onnx
+    from se_deploy.export.se_graph_pass import CANONICAL
 
     if dynamic and batch is not None:
         raise SeDeployError("--batch and --dynamic exclude each other: a dynamic-batch model takes any batch")
@@ -93,7 +93,7 @@ def check(
     trust_checkpoint: bool = TrustOpt,
 ) -> None:
     """Run the model and its PyTorch checkpoint on the same images; exit 1 if they disagree."""
-    from se_deploy.parity import run_parity_check
+    from se_deploy.evaluation.parity import run_parity_check
 
     with err.status("checking parity"):
         report = run_parity_check(model, weights, images, precision, device=device, cfg=cfg, trust=trust_checkpoint)

@@ -65,7 +65,7 @@ def resolve_model(model: Path | None, console: Console) -> Path:
 
 def run_with_progress(runner, source, out: Path, settings, console: Console):
     """run_inference with a rich progress bar (frames done / total, live FPS) on ``console``."""
-    from se_deploy.video_pipeline import run_inference
+    from se_deploy.inference.video_pipeline import run_inference
 
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), FpsColumn(),
                TimeElapsedColumn()]
@@ -113,8 +113,8 @@ def infer(
 ) -> None:
     """Detect objects in a video, images or a stream; write the annotated video/images and detections.jsonl."""
     from se_deploy.runners import load_runner
-    from se_deploy.sources import open_source
-    from se_deploy.video_pipeline import InferSettings
+    from se_deploy.inference.sources import open_source
+    from se_deploy.inference.video_pipeline import InferSettings
 
     console = Console(stderr=True)
     settings = InferSettings(parse_imgsz(imgsz), rect, conf, iou, parse_classes(classes), max_det, batch, not no_video,
@@ -142,7 +142,7 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (an object for one model, a list for several)"),
 ) -> None:
     """Latency p50/p90/p99 and throughput of each backend after warm-up."""
-    from se_deploy.bench import benchmark
+    from se_deploy.inference.bench import benchmark
     from se_deploy.model_select import newest_of_each_kind
     from se_deploy.runners import load_runner
 

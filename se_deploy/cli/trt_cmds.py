@@ -103,7 +103,7 @@ def quantize(
                               show_default=False),
 ) -> None:
     """FP16 (ModelOpt AutoCast) or INT8 Q/DQ (ModelOpt PTQ) ONNX, accepted only if it matches the FP32 model."""
-    from se_deploy.quantize import QuantizeCheckFailed, quantize_onnx
+    from se_deploy.precision.quantize import QuantizeCheckFailed, quantize_onnx
 
     if max_map_drop is not None and (precision.lower() != "int8" or data is None):
         raise SeDeployError("--max-map-drop needs --precision int8 and --data DATA.yaml")
@@ -116,8 +116,8 @@ def quantize(
         result = failed.result
     _print_quantized(result)
     budget = None
-    if max_map_drop is not None and result.passed:  # issue 5: fit INT8 into an mAP budget (se_deploy.precision_budget)
-        from se_deploy.precision_budget import budget_for_quantized
+    if max_map_drop is not None and result.passed:  # issue 5: fit INT8 into an mAP budget (se_deploy.precision.precision_budget)
+        from se_deploy.precision.precision_budget import budget_for_quantized
 
         with _progress() as view:
             budget = budget_for_quantized(model, result.path, data, max_map_drop, calib, calib_size, keep,
@@ -157,8 +157,8 @@ def build_trt(
     json_file: Path = JsonOpt,
 ) -> None:
     """Build a TensorRT engine (strongly typed, for this GPU) and write its manifest beside it."""
-    from se_deploy.quantize import QuantizeCheckFailed
-    from se_deploy.trt_builder import build_engine
+    from se_deploy.precision.quantize import QuantizeCheckFailed
+    from se_deploy.tensorrt.builder import build_engine
 
     if fp16 and int8:
         raise SeDeployError("--fp16 and --int8 exclude each other")

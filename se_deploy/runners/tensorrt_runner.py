@@ -13,7 +13,7 @@ import hashlib
 
 import numpy as np
 
-from se_deploy.engine_manifest import (
+from se_deploy.tensorrt.engine_manifest import (
     check_engine,
     cuda_call,
     current_environment,

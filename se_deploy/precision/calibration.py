@@ -1,7 +1,7 @@
 """INT8 calibration data: the user's images through exactly the inference pre-processing.
 
 Calibration sets each activation's INT8 range from what the model sees at inference, so the images
-go through ``se_deploy.preprocess.Letterboxer`` (letterbox with grey 114 padding, BGR->RGB, /255,
+go through ``se_deploy.inference.preprocess.Letterboxer`` (letterbox with grey 114 padding, BGR->RGB, /255,
 NCHW float32), the same code ``infer`` runs. Images are read lazily, one batch at a time, so a
 calibration set of any size costs one batch of memory.
 """
@@ -15,7 +15,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from se_deploy.errors import SeDeployError
-from se_deploy.preprocess import Letterboxer, image_paths, read_image
+from se_deploy.inference.preprocess import Letterboxer, image_paths, read_image
 
 OnImages = Callable[[int, int], None]  # (images done, total)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from se_deploy.artifacts import ENGINES_DIR, atomic_output, sha256_file, write_text_atomic
-from se_deploy.engine_manifest import (
+from se_deploy.tensorrt.engine_manifest import (
     Environment,
     cuda_call,
     current_environment,
@@ -28,9 +28,9 @@ from se_deploy.engine_manifest import (
     require_tensorrt,
 )
 from se_deploy.errors import SeDeployError
-from se_deploy.quantize import DEFAULT_CALIB_METHOD
-from se_deploy.onnx_metadata import OnnxMetadata
-from se_deploy.quantize import (
+from se_deploy.precision.quantize import DEFAULT_CALIB_METHOD
+from se_deploy.export.onnx_metadata import OnnxMetadata
+from se_deploy.precision.quantize import (
     PRECISIONS,
     graph_input,
     load_onnx,
@@ -232,7 +232,7 @@ class BuildResult:
     engine: Path
     manifest: dict
     source: Path  # the ONNX built from
-    quantized: object | None  # se_deploy.quantize.QuantizeResult when build-trt quantized first
+    quantized: object | None  # se_deploy.precision.quantize.QuantizeResult when build-trt quantized first
     seconds: float
     notes: list[str] = field(default_factory=list)
 

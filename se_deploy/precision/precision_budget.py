@@ -4,7 +4,7 @@
    mAP@0.5:0.95 it recovers when only its nodes leave INT8. Trials bypass the Q/DQ pairs in front of
    the block's nodes in the calibrated model (INT8-stored weights are swapped back for the FP32
    model's), so they need no recalibration and the bypassed nodes compute in the float type the
-   quantizer left around them (FP32 from ``se_deploy.quantize``, FP16 from ModelOpt's default).
+   quantizer left around them (FP32 from ``se_deploy.precision.quantize``, FP16 from ModelOpt's default).
 2. Blocks leave INT8 from the most to the least sensitive until the drop against the FP32 model is
    within the budget.
 3. The model is quantized again with the kept blocks' nodes excluded (the quantizer's own option) and
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import onnx
 
-from se_deploy.dataset import Dataset, load_dataset
+from se_deploy.evaluation.dataset import Dataset, load_dataset
 from se_deploy.errors import SeDeployError
 
 BLOCK = re.compile(r"^/?(model\.\d+)[/.]")
@@ -65,7 +65,7 @@ class BudgetResult:
 
 def requantizer(fp32_model: str | Path, calib, calib_size: int, keep_fp32=None, **quantize_options) -> Requantize:
     """A ``Requantize`` over ``quantize_onnx``: its FP32 groups (default: the quantizer's) plus the given nodes."""
-    from se_deploy.quantize import DEFAULT_KEEP_FP32, name_nodes, quantize_onnx
+    from se_deploy.precision.quantize import DEFAULT_KEEP_FP32, name_nodes, quantize_onnx
 
     source = onnx.load(str(fp32_model), load_external_data=False)
     name_nodes(source)  # the names quantize_onnx gives unnamed nodes before it resolves them
@@ -147,7 +147,7 @@ def fit_map_budget(fp32_model: str | Path, int8_model: str | Path, dataset: Data
     the answer). ``fp32_map``/``int8_map`` skip measuring what the caller already measured;
     ``eval_options`` go to ``evaluate`` (imgsz, batch, ...).
     """
-    from se_deploy.evaluate import evaluate
+    from se_deploy.evaluation.evaluate import evaluate
 
     if max_drop < 0:
         raise SeDeployError(f"--max-map-drop {max_drop}: must be >= 0 (mAP points)")

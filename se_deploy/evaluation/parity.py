@@ -79,7 +79,7 @@ def _input_size(runner, reference) -> tuple[int, int]:
     size = runner.imgsz
     if size is None:
         meta = getattr(runner, "metadata", {}) or {}
-        from se_deploy.onnx_metadata import OnnxMetadata
+        from se_deploy.export.onnx_metadata import OnnxMetadata
 
         size = OnnxMetadata.from_props(meta).imgsz or (640, 640)
     stride = reference.stride
@@ -118,8 +118,8 @@ def compare_runners(runner, reference, images: list[Path], precision: str, imgsz
 
     Statistics are gathered per chunk of images, so memory stays flat for any number of images.
     """
-    from se_deploy.postprocess import detection_agreement, non_max_suppression
-    from se_deploy.preprocess import Letterboxer, read_image
+    from se_deploy.inference.postprocess import detection_agreement, non_max_suppression
+    from se_deploy.inference.preprocess import Letterboxer, read_image
 
     if precision not in THRESHOLDS:
         raise SeDeployError(f"--precision {precision}: expected one of {', '.join(THRESHOLDS)}")
@@ -172,7 +172,7 @@ def run_parity_check(
     An ONNX model runs on ONNX Runtime's CPU provider unless ``device`` names another.
     """
     from se_deploy.artifacts import DEMO_IMAGES
-    from se_deploy.preprocess import image_paths
+    from se_deploy.inference.preprocess import image_paths
     from se_deploy.runners import load_runner
 
     model_path, weights = Path(model_path), Path(weights)

@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from se_deploy.errors import SeDeployError
-from se_deploy.preprocess import IMAGE_SUFFIXES
+from se_deploy.inference.preprocess import IMAGE_SUFFIXES
 
 
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from se_deploy.dataset import Dataset, load_dataset
+from se_deploy.evaluation.dataset import Dataset, load_dataset
 from se_deploy.errors import SeDeployError
-from se_deploy.postprocess import non_max_suppression, scale_boxes
-from se_deploy.preprocess import LetterboxInfo, letterbox, read_image, to_input
+from se_deploy.inference.postprocess import non_max_suppression, scale_boxes
+from se_deploy.inference.preprocess import LetterboxInfo, letterbox, read_image, to_input
 from se_deploy.runners import Runner, load_runner
 
 RECT_PAD = 0.5  # val.py's padding of rectangular batch shapes, in strides

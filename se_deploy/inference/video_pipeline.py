@@ -28,14 +28,14 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from se_deploy.annotate import Annotator
+from se_deploy.inference.annotate import Annotator
 from se_deploy.artifacts import atomic_output
 from se_deploy.errors import SeDeployError
-from se_deploy.postprocess import non_max_suppression, scale_boxes
-from se_deploy.preprocess import LetterboxInfo, Letterboxer, letterbox_geometry
+from se_deploy.inference.postprocess import non_max_suppression, scale_boxes
+from se_deploy.inference.preprocess import LetterboxInfo, Letterboxer, letterbox_geometry
 from se_deploy.runners.base import Runner
-from se_deploy.sources import Frame, Source
-from se_deploy.video_writer import SUFFIXES, VideoWriter, check_codec
+from se_deploy.inference.sources import Frame, Source
+from se_deploy.inference.video_writer import SUFFIXES, VideoWriter, check_codec
 
 STAGES = ("decode", "preprocess", "infer", "postprocess", "encode")
 QUEUE_DEPTH = 2  # batches waiting between two stages

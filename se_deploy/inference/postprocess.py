@@ -8,7 +8,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from se_deploy.preprocess import LetterboxInfo
+from se_deploy.inference.preprocess import LetterboxInfo
 
 MAX_WH = 7680  # class offset for class-aware NMS: larger than any image side
 MAX_NMS = 30000  # boxes handed to NMS at most, highest confidence first

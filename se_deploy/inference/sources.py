@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from se_deploy.errors import SeDeployError
-from se_deploy.preprocess import IMAGE_SUFFIXES, image_paths
+from se_deploy.inference.preprocess import IMAGE_SUFFIXES, image_paths
 
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 MAX_FILE_GAP = 30  # consecutive undecodable frames after which a video file is taken to have ended

@@ -66,7 +66,7 @@ class QuantizeResult:
     precision: str
     kept_fp32: list[str]  # node names left in FP32
     qdq: dict  # Q/DQ facts (INT8): counts and non-zero zero points
-    check: object  # se_deploy.parity.ParityReport against the FP32 model on ONNX Runtime CPU
+    check: object  # se_deploy.evaluation.parity.ParityReport against the FP32 model on ONNX Runtime CPU
     calibration: dict | None = None  # images, source, method (INT8)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -92,7 +92,7 @@ class QuantizeResult:
 # --- reading models ----------------------------------------------------------------------------------
 def onnx_precision(path: str | Path) -> str:
     """'int8' (Q/DQ nodes), 'fp16' (float16 compute) or 'fp32': the se-deploy metadata, else the graph."""
-    from se_deploy.onnx_metadata import read_props
+    from se_deploy.export.onnx_metadata import read_props
     from se_deploy.runners.onnxruntime_runner import model_precision
 
     recorded = read_props(path).get("precision")
@@ -125,7 +125,7 @@ def graph_input(model: onnx.ModelProto, path: Path) -> tuple[str, tuple]:
 
 def input_facts(model: onnx.ModelProto, path: Path) -> tuple[str, tuple, tuple[int, int]]:
     """(input name, input dims with None where dynamic, (h, w) to calibrate/check at) of an FP32 model."""
-    from se_deploy.onnx_metadata import OnnxMetadata
+    from se_deploy.export.onnx_metadata import OnnxMetadata
 
     name, dims = graph_input(model, path)
     if next(i for i in model.graph.input if i.name == name).type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
@@ -143,7 +143,7 @@ def quantized_path(model: str | Path, precision: str, directory: str | Path = EN
 
 def quantized_from(candidate: str | Path, source: str | Path, precision: str) -> bool:
     """Whether ``candidate`` is ``source`` quantized to ``precision`` by se-deploy (by checksum)."""
-    from se_deploy.onnx_metadata import read_props
+    from se_deploy.export.onnx_metadata import read_props
 
     if not Path(candidate).is_file():
         return False
@@ -239,7 +239,7 @@ def qdq_report(model: onnx.ModelProto) -> dict:
 
 def check_against_fp32(fp32: str | Path, candidate: str | Path, precision: str, images: list[Path]):
     """``check`` for a quantized model: outputs vs the FP32 model, ONNX Runtime on CPU, same images."""
-    from se_deploy.parity import compare_runners
+    from se_deploy.evaluation.parity import compare_runners
     from se_deploy.runners.onnxruntime_runner import OnnxRuntimeRunner
 
     with OnnxRuntimeRunner(fp32, device="cpu") as reference, OnnxRuntimeRunner(candidate, device="cpu") as runner:
@@ -314,8 +314,8 @@ def quantize_onnx(model: str | Path, precision: str, calib: str | Path | None = 
     """
     from se_deploy import __version__
     from se_deploy.artifacts import DEMO_IMAGES
-    from se_deploy.calibration import LetterboxCalibrationReader, select_images
-    from se_deploy.preprocess import image_paths
+    from se_deploy.precision.calibration import LetterboxCalibrationReader, select_images
+    from se_deploy.inference.preprocess import image_paths
 
     started = time.perf_counter()
     tick = progress or (lambda stage, done, total: None)

@@ -20,8 +20,8 @@ import onnx
 from se_deploy import __version__
 from se_deploy.artifacts import ENGINES_DIR, atomic_output, sha256_file
 from se_deploy.errors import SeDeployError
-from se_deploy.onnx_metadata import OnnxMetadata, write_metadata
-from se_deploy.se_graph_pass import SERewrite, clean_se_blocks
+from se_deploy.export.onnx_metadata import OnnxMetadata, write_metadata
+from se_deploy.export.se_graph_pass import SERewrite, clean_se_blocks
 
 DEFAULT_OPSET = 17
 # 13: first opset with per-channel Q/DQ (INT8) and Squeeze/Unsqueeze axes as inputs.
@@ -49,7 +49,7 @@ class ExportReport:
     output_shape: list
     seconds: float
     notices: list[str] = field(default_factory=list)
-    parity: object | None = None  # se_deploy.parity.ParityReport when the check ran
+    parity: object | None = None  # se_deploy.evaluation.parity.ParityReport when the check ran
 
     def to_dict(self) -> dict:
         return {
@@ -184,7 +184,7 @@ def export_onnx(
         nodes = {"exported": len(model.graph.node), "simplified": None, "final": None}
         simplifier = None
         if simplify:
-            from se_deploy.simplify import simplify as simplify_model
+            from se_deploy.export.simplify import simplify as simplify_model
 
             say("simplifying")
             simplified = simplify_model(model)
@@ -217,7 +217,7 @@ def export_onnx(
         seconds=0.0, notices=notices,
     )
     if check:
-        from se_deploy.parity import run_parity_check
+        from se_deploy.evaluation.parity import run_parity_check
 
         say("parity check against PyTorch")
         report.parity = run_parity_check(out, weights, precision="fp32", device="cpu", cfg=cfg, trust=trust)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from se_deploy.artifacts import ENGINES_DIR, atomic_output, sha256_file, write_text_atomic
-from se_deploy.dataset import Dataset, load_dataset
+from se_deploy.evaluation.dataset import Dataset, load_dataset
 from se_deploy.errors import SeDeployError
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -38,7 +38,7 @@ def artifact_path(workdir: Path, weights: Path, imgsz: int, batch: int) -> Path:
 
 def onnx_is_current(path: Path, source_sha256: str, imgsz: int, batch: int) -> bool:
     """Whether an existing ONNX file was exported from this checkpoint at this input size and batch."""
-    from se_deploy.onnx_metadata import read_metadata
+    from se_deploy.export.onnx_metadata import read_metadata
 
     if not path.is_file():
         return False
@@ -51,7 +51,7 @@ def onnx_is_current(path: Path, source_sha256: str, imgsz: int, batch: int) -> b
 
 def engine_is_current(engine: Path, onnx_path: Path) -> bool:
     """Whether ``engine``'s manifest says it was built from this very ONNX file."""
-    from se_deploy.engine_manifest import read_manifest
+    from se_deploy.tensorrt.engine_manifest import read_manifest
 
     try:
         manifest = engine.is_file() and read_manifest(engine)
@@ -64,8 +64,8 @@ def make_artifacts(weights: Path, precisions: list[str], imgsz: int, batch: int,
                    calib_size: int, trt: bool, say: Say) -> tuple[list[tuple[str, str, Path]], list[str]]:
     """(backend, precision, path) of every artifact to measure, making the missing ones; plus the reasons
     quantized models were rejected by their check (those get no row)."""
-    from se_deploy.export import export_onnx
-    from se_deploy.quantize import QuantizeCheckFailed, quantize_onnx, quantized_from, quantized_path
+    from se_deploy.export.onnx_export import export_onnx
+    from se_deploy.precision.quantize import QuantizeCheckFailed, quantize_onnx, quantized_from, quantized_path
 
     rejected: list[str] = []
     fp32 = artifact_path(workdir, weights, imgsz, batch)
@@ -95,7 +95,7 @@ def make_artifacts(weights: Path, precisions: list[str], imgsz: int, batch: int,
 
 
 def build_engine(onnx_path: Path, engine: Path) -> None:
-    from se_deploy.trt_builder import build_engine as build
+    from se_deploy.tensorrt.builder import build_engine as build
 
     build(onnx_path, engine, directory=engine.parent)
 
@@ -103,9 +103,9 @@ def build_engine(onnx_path: Path, engine: Path) -> None:
 def measure(model, dataset: Dataset, weights: Path, imgsz: int, batch: int, iters: int, device: str | None,
             reference: bool = False) -> dict:
     """mAP, latency/throughput and parity of one model file (or the checkpoint when ``reference``)."""
-    from se_deploy.bench import benchmark
-    from se_deploy.evaluate import evaluate
-    from se_deploy.parity import run_parity_check
+    from se_deploy.inference.bench import benchmark
+    from se_deploy.evaluation.evaluate import evaluate
+    from se_deploy.evaluation.parity import run_parity_check
     from se_deploy.runners import load_runner
 
     torch_device = "cpu" if device == "cpu" else None  # PyTorch on its best device; parity runs it on CPU anyway
@@ -202,7 +202,7 @@ def build_report(weights: str | Path, data: str | Path, precisions: list[str] | 
 
 
 def _fit_budget(rows, weights, dataset, imgsz, batch, workdir, calib, calib_size, max_drop, progress, say):
-    from se_deploy.precision_budget import fit_map_budget, requantizer
+    from se_deploy.precision.precision_budget import fit_map_budget, requantizer
 
     fp32_row = next((r for r in rows if r["backend"] == "onnxruntime" and r["precision"] == "fp32"), None)
     int8_row = next(r for r in rows if r["backend"] == "onnxruntime" and r["precision"] == "int8")

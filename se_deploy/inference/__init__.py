@@ -1,0 +1,1 @@
+"""Inference on video, images and streams: sources, pre/post-processing, the threaded pipeline, outputs, bench."""
