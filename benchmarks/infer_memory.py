@@ -3,8 +3,8 @@
 Runs `cli.py infer CLIP --model MODEL` once per clip in a child process, samples the child's RSS from
 /proc while it runs, and prints the peak (from wait4's ru_maxrss) and the RSS at each quarter of the run.
 
-    python /work/shared/fixtures/make_synth_data.py video --out /tmp/long.mp4 --frames 3000
-    python benchmarks/infer_memory.py /work/shared/fixtures/video/synth_shapes_60f.mp4 /tmp/long.mp4
+    python tests/fixtures/make_synth_data.py video --out /tmp/long.mp4 --frames 3000
+    python benchmarks/infer_memory.py se_deploy/assets/synth_shapes_60f.mp4 /tmp/long.mp4
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURES = REPO / "tests" / "fixtures"
 
 
 def rss_mib(pid: int) -> float | None:

@@ -33,7 +33,7 @@ from se_deploy.runners import load_runner  # noqa: E402
 from se_deploy.inference.sources import open_source  # noqa: E402
 from se_deploy.inference.video_pipeline import InferSettings, InputShaper, detection_records, run_inference  # noqa: E402
 
-FIXTURES = Path(REPO.parent / "shared" / "fixtures")
+FIXTURES = REPO / "tests" / "fixtures"
 
 
 def backend_only(runner, frames, input_hw, batch) -> float:
@@ -78,7 +78,7 @@ def plain_loop(runner, video, out, input_hw) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(FIXTURES / "onnx" / "upstream-export-320.onnx"))
-    parser.add_argument("--video", default=str(FIXTURES / "video" / "synth_shapes_60f.mp4"))
+    parser.add_argument("--video", default=str(REPO / "se_deploy" / "assets" / "synth_shapes_60f.mp4"))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", default=None)

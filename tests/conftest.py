@@ -1,4 +1,4 @@
-"""Shared test fixtures: paths into ../shared/fixtures and the loaded fixture checkpoint."""
+"""Shared test fixtures: the files under tests/fixtures, the bundled checkpoint and clip, and a CLI runner."""
 
 from __future__ import annotations
 
@@ -6,19 +6,30 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-FIXTURES = Path(os.environ.get("SE_DEPLOY_FIXTURES", REPO.parent / "shared" / "fixtures"))
-CHECKPOINT = FIXTURES / "checkpoints" / "se-yolov5n-shapes.pt"
+FIXTURES = REPO / "tests" / "fixtures"
 REFS = FIXTURES / "refs"
+CHECKPOINT = REPO / "se_deploy" / "assets" / "se-yolov5n-shapes.pt"  # the fixture checkpoint is the demo's
+CLIP = REPO / "se_deploy" / "assets" / "synth_shapes_60f.mp4"
 
 
-def pytest_sessionstart(session):
-    """The suite checks se-deploy against upstream YOLOv5's outputs: without them it must not pass."""
-    if not CHECKPOINT.is_file():
-        raise pytest.UsageError(f"fixtures not found at {FIXTURES}: put shared/ beside the repo or set SE_DEPLOY_FIXTURES")
+def ref_input(name: str) -> np.ndarray:
+    """One of upstream's reference inputs (N, 3, 320, 320) float32, exactly as upstream fed it.
+
+    Letterboxed images are stored as their uint8 pixels (x / 255 in float32 gives back upstream's
+    tensor bit for bit); ``input_rand_seed0`` is ``torch.manual_seed(0); torch.rand(2, 3, 320, 320)``.
+    """
+    if name == "input_rand_seed0":
+        import torch
+
+        torch.manual_seed(0)
+        return torch.rand(2, 3, 320, 320).numpy()
+    with np.load(REFS / "inputs" / f"{name}.npz") as stored:
+        return stored["pixels"].astype(np.float32) / np.float32(255)
 
 
 @pytest.fixture(scope="session")

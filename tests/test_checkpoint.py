@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import CHECKPOINT, REFS, REPO, run_cli
+from conftest import CHECKPOINT, REFS, REPO, ref_input, run_cli
 
 from models.yolo import DetectionModel
 from se_deploy.checkpoint import load_checkpoint
@@ -21,7 +21,7 @@ INPUTS = ["input_val3", "input_rand_seed0", "input_video_f0_f30"]
 
 @pytest.mark.parametrize("name", INPUTS)
 def test_fixture_checkpoint_reproduces_upstream_outputs(fixture_model, name):
-    x = torch.from_numpy(np.load(REFS / "inputs" / f"{name}.npy"))
+    x = torch.from_numpy(ref_input(name))
     ref = np.load(REFS / "se-yolov5n-shapes" / f"raw_{name}.npy")
     with torch.no_grad():
         out = fixture_model.model(x)[0].numpy()

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import CHECKPOINT, REFS, run_cli
+from conftest import CHECKPOINT, REFS, ref_input, run_cli
 from export_helpers import SE_BLOCKS, assert_canonical, run_main, save_tiny_checkpoint, tiny_model
 
 from se_deploy import __version__
@@ -50,7 +50,7 @@ def tiny_checkpoint(tmp_path_factory):
 def test_fixture_onnx_reproduces_upstream_references(static_export):
     session = _session(static_export.onnx)
     for name in REF_INPUTS:
-        pred = _run_each(session, np.load(REFS / "inputs" / f"{name}.npy"))
+        pred = _run_each(session, ref_input(name))
         ref = np.load(REFS / "se-yolov5n-shapes" / f"raw_{name}.npy")
         assert pred.shape == ref.shape == (len(ref), 6300, 8)
         assert np.abs(pred[..., :4] - ref[..., :4]).max() <= 1e-2, name  # boxes, input pixels
@@ -94,7 +94,7 @@ def test_dynamic_batch_gives_identical_results_at_batch_1_3_8(dynamic_export):
     assert_canonical(model, 1)
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     assert dynamic_export.metadata["dynamic"] == "True"
-    x = np.concatenate([np.load(REFS / "inputs" / f"{name}.npy") for name in REF_INPUTS])
+    x = np.concatenate([ref_input(name) for name in REF_INPUTS])
     x = np.concatenate([x, x[::-1]])[:8]
     session = _session(dynamic_export.onnx)
     by_batch = {size: np.concatenate([session.run(None, {"images": x[i : i + size]})[0] for i in range(0, 8, size)])

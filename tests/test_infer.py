@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import CHECKPOINT, FIXTURES, REPO, run_cli
+from conftest import CHECKPOINT, CLIP, FIXTURES, REPO, run_cli
 from test_sources import MjpegCamera, corrupt_copy
 
 from se_deploy.errors import SeDeployError
@@ -25,7 +25,6 @@ from se_deploy.runners import load_runner
 from se_deploy.inference.sources import open_source
 from se_deploy.inference.video_pipeline import CPU_HELPER_NICE, InferSettings, run_inference
 
-CLIP = FIXTURES / "video" / "synth_shapes_60f.mp4"
 UPSTREAM_ONNX = FIXTURES / "onnx" / "upstream-export-320.onnx"
 DETECT_PY = FIXTURES / "detect"
 DETECT_IMAGES = [f"val_00000{i}" for i in range(5)]  # the images detect.py ran on

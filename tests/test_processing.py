@@ -10,7 +10,7 @@ import threading
 import cv2
 import numpy as np
 import pytest
-from conftest import REFS, REPO
+from conftest import CLIP, REFS, REPO, ref_input
 
 from se_deploy.inference.annotate import Annotator, class_colour
 from se_deploy.errors import SeDeployError
@@ -21,7 +21,7 @@ from se_deploy.inference.video_pipeline import BufferPool
 
 
 def _video_frames(fixtures, indices):
-    cap = cv2.VideoCapture(str(fixtures / "video" / "synth_shapes_60f.mp4"))
+    cap = cv2.VideoCapture(str(CLIP))
     frames = []
     for i in range(max(indices) + 1):
         ok, frame = cap.read()
@@ -34,10 +34,10 @@ def _video_frames(fixtures, indices):
 def test_letterbox_matches_upstream_inputs(fixtures):
     images = [cv2.imread(str(fixtures / "dataset/images/val" / f"val_00000{i}.jpg")) for i in range(3)]
     batch, _ = Letterboxer((320, 320), max_batch=3).prepare(images)
-    assert np.array_equal(batch, np.load(REFS / "inputs" / "input_val3.npy"))
+    assert np.array_equal(batch, ref_input("input_val3"))
 
     frames = _video_frames(fixtures, [0, 30])
-    expected = np.load(REFS / "inputs" / "input_video_f0_f30.npy")
+    expected = ref_input("input_video_f0_f30")
     boxer = Letterboxer((320, 320), max_batch=2)
     batch, infos = boxer.prepare(frames)
     assert np.array_equal(batch, expected)
@@ -160,7 +160,7 @@ def test_detection_agreement():
 
 
 def test_onnx_runner_runs_upstream_export(fixtures):
-    x = np.load(REFS / "inputs" / "input_val3.npy")
+    x = ref_input("input_val3")
     with load_runner(fixtures / "onnx" / "upstream-export-320.onnx", device="cpu") as runner:
         assert runner.backend == "onnxruntime" and runner.device == "cpu"
         assert runner.names == {0: "circle", 1: "rectangle", 2: "triangle"} and runner.stride == 32

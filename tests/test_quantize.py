@@ -27,13 +27,11 @@ from se_deploy.precision.quantize import (
     resolve_keep_fp32,
     se_nodes,
 )
-from tests.conftest import FIXTURES, run_cli
+from tests.conftest import FIXTURES, ref_input, run_cli
 
 
 @pytest.fixture(scope="module")
 def fp32_onnx(tmp_path_factory) -> Path:
-    if not (FIXTURES / "onnx" / "upstream-export-320.onnx").is_file():
-        pytest.skip(f"fixtures not found at {FIXTURES}")
     path = tmp_path_factory.mktemp("models") / "shapes.onnx"
     shutil.copyfile(FIXTURES / "onnx" / "upstream-export-320.onnx", path)
     return path
@@ -94,7 +92,7 @@ def test_fp16_keeps_the_detect_head_in_fp32(fp16_result, fp32_onnx):
 def test_fp16_model_runs_in_onnxruntime_as_fp16(fp16_result):
     from se_deploy.runners import load_runner
 
-    x = np.load(FIXTURES / "refs" / "inputs" / "input_val3.npy")[:1]
+    x = ref_input("input_val3")[:1]
     with load_runner(fp16_result.path, device="cpu") as runner:
         assert runner.precision == "fp16" and runner.names[2] == "triangle"
         pred = runner.infer(x)

@@ -11,6 +11,7 @@ import onnx
 import pytest
 
 from se_deploy.export.se_graph_pass import FORBIDDEN, clean_se_blocks, find_se_blocks
+from conftest import ref_input
 from export_helpers import SE_BLOCKS, assert_canonical, tiny_model
 
 IMGSZ = 64
@@ -144,5 +145,5 @@ def test_fixture_upstream_onnx_is_cleaned(fixtures):
     assert (report.found, report.rewritten) == (1, 1)
     assert_canonical(after, 1)
     assert len(after.graph.node) == len(model.graph.node) - 1
-    x = np.load(fixtures / "refs" / "inputs" / "input_val3.npy")[:1]
+    x = ref_input("input_val3")[:1]
     np.testing.assert_array_equal(_run(after, x), _run(model, x))

@@ -9,12 +9,11 @@ import threading
 import cv2
 import numpy as np
 import pytest
-from conftest import FIXTURES
+from conftest import CLIP, FIXTURES
 
 from se_deploy.errors import SeDeployError
 from se_deploy.inference.sources import ImageSource, LiveSource, VideoFileSource, open_source
 
-CLIP = FIXTURES / "video" / "synth_shapes_60f.mp4"
 VAL_IMAGES = FIXTURES / "dataset" / "images" / "val"
 
 
