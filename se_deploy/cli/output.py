@@ -17,3 +17,8 @@ def print_check(figure_lines: list[str], failures: list[str], notes: list[str], 
         out.print(f"  [red]{line}[/red]")
     for line in notes:
         err.print(f"note: {line}")
+
+
+def deprecated(old: str, new: str) -> None:
+    """Say on stderr that an old spelling still works but has a new name (docs/cli.md lists them)."""
+    err.print(f"deprecated: {old} still works but is now {new} (see docs/cli.md)")
