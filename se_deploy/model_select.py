@@ -57,6 +57,16 @@ def select_model(directory: str | Path = ENGINES_DIR, trt_usable: bool | None = 
     )
 
 
+def resolve_model(model: str | Path | None, say=None, directory: str | Path = ENGINES_DIR) -> str | Path:
+    """The model a command was given, or else the newest usable artifact in ``directory`` (``say`` tells which)."""
+    if model is not None:
+        return model
+    choice = select_model(directory)
+    if say is not None:
+        say(f"model: {choice.path} ({choice.reason})")
+    return choice.path
+
+
 def newest_of_each_kind(directory: str | Path = ENGINES_DIR, trt_usable: bool | None = None) -> list[Path]:
     """The newest artifact of every kind that can run here (for benchmarking each backend)."""
     directory = Path(directory)

@@ -19,12 +19,10 @@ UPSTREAM_ONNX = FIXTURES / "onnx" / "upstream-export-320.onnx"
 
 
 def test_upstream_onnx_passes_with_full_agreement(fixtures, tmp_path, capsys):
-    report = tmp_path / "check.json"
-    code = run_main("check", UPSTREAM_ONNX, "--weights", CHECKPOINT, "--json", report)
+    code = run_main("check", "-m", UPSTREAM_ONNX, "-w", CHECKPOINT, "--json")
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "PASS" in out
-    data = json.loads(report.read_text())
+    data = json.loads(out)  # stdout holds the JSON and nothing else
     assert {"passed", "max_abs_error", "detection_agreement", "precision"} <= set(data)
     assert data["passed"] is True and data["precision"] == "fp32" and data["detection_agreement"] == 1.0
     assert data["images"] == 8 and data["imgsz"] == [320, 320]
@@ -44,11 +42,12 @@ def test_perturbed_model_fails_with_exit_1(fixtures, tmp_path, capsys):
     weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) * np.float32(1.05), weight.name))
     onnx.save(model, tmp_path / "perturbed.onnx")
 
-    code = run_main("check", tmp_path / "perturbed.onnx", "--weights", CHECKPOINT, "--json", tmp_path / "r.json")
-
+    code = run_main("check", "--model", tmp_path / "perturbed.onnx", "--weights", CHECKPOINT)
     assert code == 1
     assert "FAIL" in capsys.readouterr().out
-    data = json.loads((tmp_path / "r.json").read_text())
+
+    assert run_main("check", "-m", tmp_path / "perturbed.onnx", "-w", CHECKPOINT, "--json") == 1
+    data = json.loads(capsys.readouterr().out)
     assert data["passed"] is False and any("scores" in f for f in data["failures"])
 
 
@@ -78,7 +77,7 @@ def other_models(tmp_path_factory):
     ("anchors", "p3p4-320.onnx gives 6000 anchors but se-yolov5n-shapes.pt gives 6300"),
 ])
 def test_model_of_another_checkpoint_is_refused(fixtures, other_models, tmp_path, capsys, kind, message):
-    code = run_main("check", other_models[kind], "--weights", CHECKPOINT, "--json", tmp_path / "r.json")
+    code = run_main("check", "-m", other_models[kind], "-w", CHECKPOINT, "--json")
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
@@ -86,5 +85,5 @@ def test_model_of_another_checkpoint_is_refused(fixtures, other_models, tmp_path
 
 
 def test_checkpoint_given_as_model_is_refused(fixtures, capsys):
-    assert run_main("check", CHECKPOINT, "--weights", CHECKPOINT) == 2
+    assert run_main("check", "-m", CHECKPOINT, "-w", CHECKPOINT) == 2
     assert "not a checkpoint" in capsys.readouterr().err

@@ -33,7 +33,7 @@ def test_report_end_to_end_on_cpu(fixtures, small_set, tmp_path):
     data, calib = small_set
     workdir, out = tmp_path / "engines", tmp_path / "out"
     r = run_cli("report", CHECKPOINT, "--data", data, "--calib", calib, "--imgsz", "320", "--iters", "3",
-                "--workdir", workdir, "--out", out, "--no-trt")
+                "--workdir", workdir, "--out-dir", out, "--no-trt")
     report = json.loads((out / "report.json").read_text())
     rows = {(row["backend"], row["precision"]): row for row in report["rows"]}
     assert r.returncode == 0, r.stderr

@@ -21,7 +21,6 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _root() -> None:
     """Deploy SE-YOLOv5 detectors: safe checkpoint loading, clean ONNX, TensorRT engines, fast video inference."""
@@ -37,13 +36,30 @@ from se_deploy.cli import infer_cmds  # noqa: E402,F401  infer, bench, demo
 from se_deploy.cli import eval_cmds  # noqa: E402,F401  val, report
 
 
+def _one_line(message: str) -> str:
+    """Messages from deep below (ONNX Runtime, torch, ModelOpt) can span lines; the error is one."""
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
 def main() -> None:
-    """Entry point of the console script and of ``python cli.py``."""
+    """Entry point of the console script and of ``python cli.py``.
+
+    Library failures (SeDeployError) and usage errors (a missing argument, an option out of range)
+    both become one ``error:`` line on stderr and exit code 2.
+    """
+    from se_deploy.cli.legacy import rewrite_legacy
+
     try:
-        app()  # standalone: Typer itself answers usage errors and exits with the command's code
+        code = app(args=rewrite_legacy(sys.argv[1:]), prog_name="se-deploy", standalone_mode=False)
     except SeDeployError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
-    except KeyboardInterrupt:
+    except typer.TyperException as e:  # usage errors: missing argument, bad value, unknown option or command
+        context = getattr(e, "ctx", None)
+        hint = f" (see {context.command_path} --help)" if context is not None else ""
+        print(f"error: {_one_line(e.format_message())}{hint}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+    except (KeyboardInterrupt, typer.Abort):
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import typer
@@ -13,15 +12,22 @@ from rich.table import Table
 from rich.text import Text
 
 from se_deploy.cli import app
+from se_deploy.cli.options import (
+    ConfOpt,
+    DeviceOpt,
+    IouOpt,
+    JsonFlag,
+    MaxDetOpt,
+    batch_option,
+    imgsz_option,
+    model_option,
+    parse_classes,
+)
 from se_deploy.errors import SeDeployError
 
 EXIT_INTERRUPTED = 130
-ModelOpt = typer.Option(None, "--model", "-m", help="Model file (.engine, .onnx, .pt); default: newest in engines/",
-                        show_default=False)
-DeviceOpt = typer.Option(None, "--device", help="ONNX Runtime: tensorrt, cuda or cpu; PyTorch: cpu or cuda[:N]",
-                         show_default=False)
-ImgszOpt = typer.Option(None, "--imgsz", help="Letterbox size: H or H,W (models with a fixed size need none)",
-                        show_default=False)
+ModelOpt = model_option("Model file (.engine, .onnx, .pt) [default: the newest in engines/]")
+ImgszOpt = imgsz_option("Letterbox size: H or H,W (models with a fixed size need none) [default: 640]")
 
 
 class FpsColumn(ProgressColumn):
@@ -31,36 +37,12 @@ class FpsColumn(ProgressColumn):
         return Text(f"{task.speed:6.1f} FPS" if task.speed else "   ... FPS", style="cyan")
 
 
-def parse_imgsz(text: str | None) -> tuple[int, int] | None:
-    """'320' -> (320, 320); '256,320' or '256x320' -> (256, 320)."""
-    if text is None:
-        return None
-    sides = [s for s in re.split(r"[,x\s]+", text.strip()) if s]
-    if len(sides) not in (1, 2) or not all(s.isdigit() and int(s) > 0 for s in sides):
-        raise SeDeployError(f"--imgsz {text}: expected H or H,W in pixels")
-    h, w = (int(sides[0]), int(sides[-1]))
-    return h, w
-
-
-def parse_classes(values: list[str] | None) -> list[int] | None:
-    """--classes 0 --classes 2, or --classes 0,2."""
-    if not values:
-        return None
-    items = [item for value in values for item in re.split(r"[,\s]+", value) if item]
-    if not all(item.isdigit() for item in items):
-        raise SeDeployError(f"--classes {' '.join(values)}: expected class indices")
-    return [int(item) for item in items]
-
-
-def resolve_model(model: Path | None, console: Console) -> Path:
-    """--model, or the newest artifact in engines/ (saying which and why)."""
-    if model is not None:
-        return model
-    from se_deploy.model_select import select_model
-
-    choice = select_model()
-    console.print(f"model: {choice.path} ({choice.reason})")
-    return choice.path
+def check_classes(classes: list[int] | None, runner) -> None:
+    """--classes must name classes the model has."""
+    unknown = [c for c in classes or () if c >= runner.nc]
+    if unknown:
+        raise SeDeployError(f"--classes {','.join(map(str, unknown))}: {runner.path.name} has {runner.nc} classes "
+                            f"(0-{runner.nc - 1}: {', '.join(runner.names.values())})")
 
 
 def run_with_progress(runner, source, out: Path, settings, console: Console):
@@ -97,11 +79,12 @@ def infer(
     imgsz: str = ImgszOpt,
     rect: bool = typer.Option(True, "--rect/--no-rect",
                               help="Any-size models: pad only to a multiple of the stride (detect.py) or to the full square"),
-    conf: float = typer.Option(0.25, "--conf", help="Confidence threshold"),
-    iou: float = typer.Option(0.45, "--iou", help="NMS IoU threshold"),
-    classes: list[str] = typer.Option(None, "--classes", help="Keep only these class indices (0,2 or repeated)"),
-    max_det: int = typer.Option(300, "--max-det", help="Most detections per frame"),
-    batch: int = typer.Option(1, "--batch", help="Frames per inference call"),
+    conf: float = ConfOpt,
+    iou: float = IouOpt,
+    classes: list[str] = typer.Option(None, "--classes", callback=parse_classes,
+                                      help="Keep only these class indices (0,2 or repeated)"),
+    max_det: int = MaxDetOpt,
+    batch: int = batch_option(1, "Frames per inference call"),
     device: str = DeviceOpt,
     no_video: bool = typer.Option(False, "--no-video", help="Write detections.jsonl only, no annotated video/images"),
     video_codec: str = typer.Option("mjpeg", "--video-codec",
@@ -109,17 +92,19 @@ def infer(
     helper_nice: int = typer.Option(None, "--helper-nice",
                                     help="Nice steps (0-19) the decode/letterbox/NMS/encode threads step back from "
                                          "inference, Linux [default: 19 when inference runs on the CPU, else 0]"),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
+    as_json: bool = JsonFlag,
 ) -> None:
     """Detect objects in a video, images or a stream; write the annotated video/images and detections.jsonl."""
-    from se_deploy.runners import load_runner
     from se_deploy.inference.sources import open_source
     from se_deploy.inference.video_pipeline import InferSettings
+    from se_deploy.model_select import resolve_model
+    from se_deploy.runners import load_runner
 
     console = Console(stderr=True)
-    settings = InferSettings(parse_imgsz(imgsz), rect, conf, iou, parse_classes(classes), max_det, batch, not no_video,
+    settings = InferSettings(imgsz, rect, conf, iou, classes, max_det, batch, not no_video,
                              video_codec=video_codec, helper_nice=helper_nice)
-    with open_source(source) as src, load_runner(resolve_model(model, console), device=device) as runner:
+    with open_source(source) as src, load_runner(resolve_model(model, console.print), device=device) as runner:
+        check_classes(classes, runner)
         result = run_with_progress(runner, src, out, settings, console).summary()
     if as_json:
         print(json.dumps(result, indent=2))
@@ -134,12 +119,12 @@ def infer(
 def bench(
     model: list[Path] = typer.Option(None, "--model", "-m", show_default=False,
                                      help="Model file(s); default: the newest of each kind in engines/"),
-    batch: int = typer.Option(1, "--batch", help="Images per inference call"),
-    iters: int = typer.Option(100, "--iters", help="Timed iterations"),
-    warmup: int = typer.Option(10, "--warmup", help="Untimed iterations first"),
+    batch: int = batch_option(1),
+    iters: int = typer.Option(100, "--iters", min=1, help="Timed iterations"),
+    warmup: int = typer.Option(10, "--warmup", min=0, help="Untimed iterations first"),
     imgsz: str = ImgszOpt,
     device: str = DeviceOpt,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON (an object for one model, a list for several)"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout (one model: an object; several: a list)"),
 ) -> None:
     """Latency p50/p90/p99 and throughput of each backend after warm-up."""
     from se_deploy.inference.bench import benchmark
@@ -152,7 +137,7 @@ def bench(
     for path in paths:
         with load_runner(path, device=device) as runner, Progress(console=console, transient=True) as progress:
             task = progress.add_task(f"{runner.backend} {path.name}", total=iters)
-            results.append(benchmark(runner, batch, iters, warmup, parse_imgsz(imgsz),
+            results.append(benchmark(runner, batch, iters, warmup, imgsz,
                                      on_iter=lambda i: progress.update(task, completed=i)))
     if as_json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -10,27 +9,26 @@ from rich.console import Console
 from rich.table import Table
 
 from se_deploy.cli import app
-
-WeightsArg = typer.Argument(..., help="YOLOv5 checkpoint (.pt)", show_default=False)
-CfgOpt = typer.Option(None, "--cfg", help="Model YAML, needed when the checkpoint is a bare state_dict")
-TrustOpt = typer.Option(False, "--trust-checkpoint", help="Allow any pickled class (only for files you trust)")
+from se_deploy.cli.options import CfgOpt, JsonFlag, TrustOpt
+from se_deploy.cli.output import finish
 
 
 @app.command()
 def inspect(
-    weights: Path = WeightsArg,
+    weights: Path = typer.Argument(..., help="YOLOv5 checkpoint (.pt)", show_default=False),
     cfg: Path = CfgOpt,
     trust_checkpoint: bool = TrustOpt,
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON"),
+    as_json: bool = JsonFlag,
 ) -> None:
     """Summarise a checkpoint: classes, strides, anchors, layers and every SE block."""
     from se_deploy.checkpoint import load_checkpoint
     from se_deploy.model_info import describe
 
     info = describe(load_checkpoint(weights, cfg=cfg, trust=trust_checkpoint, fuse=False))
-    if as_json:
-        print(json.dumps(info, indent=2))
-        return
+    finish(info, as_json, None, lambda: _print_info(info))
+
+
+def _print_info(info: dict) -> None:
     console = Console()
     console.print(f"[bold]{info['path']}[/bold]  ({info['source_format']})")
     console.print(f"classes ({info['nc']}): {', '.join(info['names'].values())}")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from pathlib import Path
+
 from rich.console import Console
 
 EXIT_CHECK_FAILED = 1  # the command ran, but a check it made failed
@@ -22,3 +26,16 @@ def print_check(figure_lines: list[str], failures: list[str], notes: list[str], 
 def deprecated(old: str, new: str) -> None:
     """Say on stderr that an old spelling still works but has a new name (docs/cli.md lists them)."""
     err.print(f"deprecated: {old} still works but is now {new} (see docs/cli.md)")
+
+
+def finish(data: dict | list, as_json: bool, json_file: Path | None, human: Callable[[], None]) -> None:
+    """A command's result: JSON on stdout with ``--json``, else the human report (and, for the old
+    ``--json FILE`` spelling, the JSON written to FILE as well)."""
+    if as_json and json_file is None:
+        print(json.dumps(data, indent=2))
+        return
+    human()
+    if json_file is not None:
+        from se_deploy.artifacts import write_text_atomic
+
+        write_text_atomic(json_file, json.dumps(data, indent=2) + "\n")

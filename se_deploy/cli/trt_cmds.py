@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,14 +10,20 @@ import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from se_deploy.cli import app
-from se_deploy.cli.output import EXIT_CHECK_FAILED, err, out, print_check
+from se_deploy.cli.options import (
+    CalibMethodOpt,
+    CalibOpt,
+    CalibSizeOpt,
+    MAX_BATCH,
+    JsonFlag,
+    LegacyJsonFile,
+    cuda_index,
+    imgsz_option,
+    output_option,
+    parse_device,
+)
+from se_deploy.cli.output import EXIT_CHECK_FAILED, err, finish, out, print_check
 from se_deploy.errors import SeDeployError
-
-
-CalibOpt = typer.Option(None, "--calib", help="INT8: folder or glob of your own training images (never the val set)")
-CalibSizeOpt = typer.Option(512, "--calib-size", help="INT8: most calibration images to use (spread over the set)")
-CalibMethodOpt = typer.Option("entropy", "--calib-method", help="INT8 activation ranges: entropy (KL) or max")
-JsonOpt = typer.Option(None, "--json", help="Also write the result as JSON to this file", show_default=False)
 
 
 class _ProgressView:
@@ -59,13 +64,6 @@ def _progress():
         yield _ProgressView(progress)
 
 
-def _write_json(path: Path | None, data: dict) -> None:
-    if path is not None:
-        from se_deploy.artifacts import write_text_atomic
-
-        write_text_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
 def _print_quantized(result) -> None:
     check = result.check
     verdict = "[green]accepted[/green]" if result.passed else "[red]rejected, nothing written[/red]"
@@ -93,10 +91,12 @@ def quantize(
     calib_method: str = CalibMethodOpt,
     keep_fp32: str = typer.Option("detect", "--keep-fp32",
                                   help="Comma-separated groups (detect, se) or node names left in FP32; '' for none"),
-    check_images: Path = typer.Option(None, "--check-images", help="Images for the check (default: bundled)"),
-    output: Path = typer.Option(None, "-o", "--output", help="Default: engines/<stem>.<precision>.onnx"),
-    json_file: Path = JsonOpt,
-    max_map_drop: float = typer.Option(None, "--max-map-drop", show_default=False,
+    check_images: Path = typer.Option(None, "--check-images", help="Images for the check [default: the bundled images]",
+                                      show_default=False),
+    output: Path = output_option("ONNX file to write [default: engines/<stem>.<precision>.onnx]"),
+    as_json: bool = JsonFlag,
+    json_file: Path = LegacyJsonFile,
+    max_map_drop: float = typer.Option(None, "--max-map-drop", min=0.0, show_default=False,
                                        help="INT8: mAP@0.5:0.95 points it may lose on --data; the most sensitive "
                                             "layers stay out of INT8 until it fits"),
     data: Path = typer.Option(None, "--data", help="With --max-map-drop: DATA.yaml whose val split measures mAP",
@@ -114,16 +114,20 @@ def quantize(
                                    calib_method=calib_method, check_images=check_images, progress=view.stage)
     except QuantizeCheckFailed as failed:
         result = failed.result
-    _print_quantized(result)
     budget = None
-    if max_map_drop is not None and result.passed:  # issue 5: fit INT8 into an mAP budget (se_deploy.precision.precision_budget)
+    if max_map_drop is not None and result.passed:  # fit INT8 into an mAP budget (se_deploy.precision.precision_budget)
         from se_deploy.precision.precision_budget import budget_for_quantized
 
         with _progress() as view:
             budget = budget_for_quantized(model, result.path, data, max_map_drop, calib, calib_size, keep,
                                           progress=view.progress, calib_method=calib_method, check_images=check_images)
-        out.print(budget.summary())
-    _write_json(json_file, {**result.to_dict(), **({"max_map_drop": budget.to_dict()} if budget else {})})
+
+    def human() -> None:
+        _print_quantized(result)
+        if budget is not None:
+            out.print(budget.summary())
+
+    finish({**result.to_dict(), **({"max_map_drop": budget.to_dict()} if budget else {})}, as_json, json_file, human)
     if not result.passed or (budget is not None and not budget.met):
         raise typer.Exit(EXIT_CHECK_FAILED)
 
@@ -137,24 +141,29 @@ def build_trt(
     calib: Path = CalibOpt,
     calib_size: int = CalibSizeOpt,
     calib_method: str = CalibMethodOpt,
-    batch: int = typer.Option(None, "--batch", help="Dynamic-batch models: build for exactly this batch",
-                              show_default=False),
-    min_batch: int = typer.Option(None, "--min-batch", help="Batch profile minimum (default 1)", show_default=False),
-    opt_batch: int = typer.Option(None, "--opt-batch", help="Batch TensorRT tunes for (default: the minimum)",
-                                  show_default=False),
-    max_batch: int = typer.Option(None, "--max-batch", help="Batch profile maximum (default 8)", show_default=False),
-    imgsz: int = typer.Option(None, "--imgsz", help="Input size, for ONNX models with a dynamic size",
-                              show_default=False),
-    workspace: float = typer.Option(None, "--workspace", help="Builder workspace limit in GB (default: TensorRT's)",
-                                    show_default=False),
-    dla_core: int = typer.Option(None, "--dla-core", help="Build for this DLA core (Jetson), GPU fallback on",
+    batch: int = typer.Option(None, "--batch", min=1, max=MAX_BATCH, show_default=False,
+                              help="Dynamic-batch models: build for exactly this batch"),
+    min_batch: int = typer.Option(None, "--min-batch", min=1, max=MAX_BATCH, show_default=False,
+                                  help="Batch profile minimum [default: 1]"),
+    opt_batch: int = typer.Option(None, "--opt-batch", min=1, max=MAX_BATCH, show_default=False,
+                                  help="Batch TensorRT tunes for [default: the minimum]"),
+    max_batch: int = typer.Option(None, "--max-batch", min=1, max=MAX_BATCH, show_default=False,
+                                  help="Batch profile maximum [default: 8]"),
+    imgsz: str = imgsz_option("ONNX with a dynamic size: the size TensorRT tunes for, H or H,W "
+                              "[default: the export size]"),
+    min_imgsz: str = imgsz_option("ONNX with a dynamic size: smallest input, H or H,W [default: one stride]"),
+    max_imgsz: str = imgsz_option("ONNX with a dynamic size: largest input, H or H,W [default: --imgsz]"),
+    workspace: float = typer.Option(None, "--workspace", min=0.001, show_default=False,
+                                    help="Builder workspace limit in GB [default: TensorRT's]"),
+    dla_core: int = typer.Option(None, "--dla-core", min=0, help="Build for this DLA core (Jetson), GPU fallback on",
                                  show_default=False),
     timing_cache: Path = typer.Option(None, "--timing-cache",
                                       help="Timing cache file (default: engines/timing-<gpu>-<trt>.cache)",
                                       show_default=False),
-    device: int = typer.Option(0, "--device", help="CUDA device index"),
-    output: Path = typer.Option(None, "-o", "--output", help="Engine file (default: engines/<onnx stem>.engine)"),
-    json_file: Path = JsonOpt,
+    device: str = typer.Option("cuda:0", "--device", callback=parse_device, help="CUDA device: cuda, cuda:N or N"),
+    output: Path = output_option("Engine file to write [default: engines/<onnx stem>.engine]"),
+    as_json: bool = JsonFlag,
+    json_file: Path = LegacyJsonFile,
 ) -> None:
     """Build a TensorRT engine (strongly typed, for this GPU) and write its manifest beside it."""
     from se_deploy.precision.quantize import QuantizeCheckFailed
@@ -167,22 +176,28 @@ def build_trt(
             result = build_engine(
                 model, output, precision="fp16" if fp16 else "int8" if int8 else None, calib=calib,
                 calib_size=calib_size, calib_method=calib_method, batch=batch, min_batch=min_batch,
-                opt_batch=opt_batch, max_batch=max_batch, imgsz=imgsz, workspace_gb=workspace, dla_core=dla_core,
-                timing_cache=timing_cache, device=device, on_phase=view.phase, quantize_progress=view.stage,
+                opt_batch=opt_batch, max_batch=max_batch, imgsz=imgsz, min_imgsz=min_imgsz, max_imgsz=max_imgsz,
+                workspace_gb=workspace, dla_core=dla_core, timing_cache=timing_cache, device=cuda_index(device),
+                on_phase=view.phase, quantize_progress=view.stage,
             )
     except QuantizeCheckFailed as failed:
         _print_quantized(failed.result)
         raise typer.Exit(EXIT_CHECK_FAILED) from None
+    for line in result.notes:
+        err.print(f"note: {line}")
+    finish({**result.manifest, "engine": str(result.engine), "manifest": str(result.manifest_path)}, as_json, json_file,
+           lambda: _print_built(result))
+
+
+def _print_built(result) -> None:
     if result.quantized is not None:
         _print_quantized(result.quantized)
     manifest = result.manifest
-    profile = manifest["batch_profile"]
+    profile, sizes = manifest["batch_profile"], manifest.get("size_profile")
     batching = f"batch {profile['min']}/{profile['opt']}/{profile['max']}" if profile else \
         f"static batch {manifest['inputs'][0]['shape'][0]}"
+    size = " / ".join(f"{h}x{w}" for h, w in sizes) if sizes else f"{manifest['imgsz'][0]}x{manifest['imgsz'][1]}"
     out.print(f"[green]built[/green] {result.engine} from {result.source} in {result.seconds:.1f} s")
-    out.print(f"  {manifest['precision']}, {batching}, {manifest['imgsz'][0]}x{manifest['imgsz'][1]}, "
+    out.print(f"  {manifest['precision']}, {batching}, {size}, "
               f"TensorRT {manifest['tensorrt']} on {manifest['gpu']['name']} (sm {manifest['gpu']['compute_capability']})")
     out.print(f"  manifest: {result.manifest_path}")
-    for line in result.notes:
-        err.print(f"note: {line}")
-    _write_json(json_file, {**manifest, "engine": str(result.engine), "manifest": str(result.manifest_path)})

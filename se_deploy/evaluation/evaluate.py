@@ -125,14 +125,17 @@ def coco_map(dataset: Dataset, image_hw: list[tuple[int, int]], detections: list
             "per_class": per_class}
 
 
-def evaluate(model: str | Path | Runner, data: str | Path | Dataset, imgsz: int | None = None, batch: int = 16,
+def evaluate(model: str | Path | Runner, data: str | Path | Dataset, imgsz: int | tuple[int, int] | None = None,
+             batch: int = 16,
              conf_thres: float = 0.001, iou_thres: float = 0.6, max_det: int = 300, rect: bool | None = None,
              device: str | None = None, skip_bad_labels: bool = False, progress=None) -> dict:
     """mAP of ``model`` (a path or a Runner) on the ``val`` split of ``data`` (a DATA.yaml or a loaded Dataset).
 
-    ``imgsz`` is the long side (default: the model's fixed input size, else 640); ``rect`` defaults to
-    True exactly when the model accepts any input size. ``progress`` is an optional rich Progress.
+    ``imgsz`` is the long side (default: the model's fixed input size, else 640), or a fixed-size model's
+    own (h, w); ``rect`` defaults to True exactly when the model accepts any input size. ``progress`` is
+    an optional rich Progress.
     """
+    hw = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz) if imgsz is not None else None
     dataset = data if isinstance(data, Dataset) else load_dataset(data, "val", skip_bad=skip_bad_labels)
     if batch < 1:
         raise SeDeployError(f"--batch {batch}: must be at least 1")
@@ -143,14 +146,17 @@ def evaluate(model: str | Path | Runner, data: str | Path | Dataset, imgsz: int 
         if runner.nc != dataset.nc:
             raise SeDeployError(f"{runner.path.name} predicts {runner.nc} classes but {dataset.yaml_path} has nc {dataset.nc}")
         if runner.imgsz:  # fixed input size: that is the size, and rectangular batches are impossible
-            if imgsz is not None and imgsz != max(runner.imgsz):
-                raise SeDeployError(f"--imgsz {imgsz}: {runner.path.name} is built for "
+            if hw is not None and hw != runner.imgsz and not (hw[0] == hw[1] == max(runner.imgsz)):
+                raise SeDeployError(f"--imgsz {hw[0]},{hw[1]}: {runner.path.name} is built for "
                                     f"{runner.imgsz[0]}x{runner.imgsz[1]} input")
             if rect:
                 raise SeDeployError(f"--rect: {runner.path.name} has a fixed input size")
             size, rect = runner.imgsz, False
         else:
-            size = math.ceil((imgsz or 640) / runner.stride) * runner.stride  # val.py rounds up the same way
+            if hw is not None and hw[0] != hw[1]:
+                raise SeDeployError(f"--imgsz {hw[0]},{hw[1]}: {runner.path.name} takes any size and val letterboxes "
+                                    "the long side to --imgsz: give one number")
+            size = math.ceil((hw[0] if hw else 640) / runner.stride) * runner.stride  # val.py rounds up the same way
             rect = True if rect is None else rect
         result = _run(runner, dataset, size, batch, conf_thres, iou_thres, max_det, rect, progress)
     return result

@@ -129,7 +129,7 @@ def measure(model, dataset: Dataset, weights: Path, imgsz: int, batch: int, iter
 
 
 def build_report(weights: str | Path, data: str | Path, precisions: list[str] | str = PRECISIONS, calib=None,
-                 calib_size: int = 256, imgsz: int = 640, batch: int = 1, workdir: str | Path = ENGINES_DIR,
+                 calib_size: int = 512, imgsz: int = 640, batch: int = 1, workdir: str | Path = ENGINES_DIR,
                  max_map_drop: float | None = None, iters: int = 100, device: str | None = None,
                  trt: bool | None = None, skip_bad_labels: bool = False, say: Say | None = None,
                  progress=None) -> dict:

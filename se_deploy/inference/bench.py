@@ -20,8 +20,9 @@ def benchmark(runner: Runner, batch: int = 1, iters: int = 100, warmup: int = 10
     The input is a seeded uniform-random batch at the model's own size (or ``imgsz``); inference time
     of these detectors does not depend on the pixel values.
     """
-    if batch < 1 or iters < 1 or warmup < 0:
-        raise SeDeployError("--batch and --iters must be at least 1")
+    for name, value, low in (("--batch", batch, 1), ("--iters", iters, 1), ("--warmup", warmup, 0)):
+        if value < low:
+            raise SeDeployError(f"{name} {value}: must be at least {low}")
     if runner.imgsz:
         if imgsz and tuple(imgsz) != runner.imgsz:
             raise SeDeployError(f"{runner.path.name} is built for {runner.imgsz[0]}x{runner.imgsz[1]} input, not "
