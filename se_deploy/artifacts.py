@@ -18,13 +18,27 @@ DEMO_VIDEO = ASSETS_DIR / "synth_shapes_60f.mp4"
 DEMO_IMAGES = ASSETS_DIR / "images"
 
 
+def check_output_path(path: str | Path) -> Path:
+    """Refuse, before any work, an output file path that can never be written: a directory, or a
+    folder beside it that is a file or not writable. Returns the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise SeDeployError(f"{path}: is a directory; give a file name for the output")
+    folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
+    if not folder.is_dir():
+        raise SeDeployError(f"{path}: cannot write here ({folder} is a file, not a folder)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SeDeployError(f"{path}: cannot write here ({folder} is not writable)")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     The temporary name keeps the final suffix, so writers that pick a format by suffix still work.
     """
-    path = Path(path)
+    path = check_output_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
@@ -35,7 +49,10 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the artifact gets the usual permissions
     try:
         yield tmp
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:  # e.g. a directory created at the final name meanwhile
+            raise SeDeployError(f"{path}: cannot write here ({e.strerror or e})") from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from se_deploy.errors import SeDeployError
+from se_deploy.errors import SeDeployError, first_line
 
 # (module, name) pairs that may be resolved besides nn layers and models.* classes.
 _SAFE_GLOBALS = {
@@ -109,6 +109,26 @@ def normalize_names(names, nc: int) -> dict[int, str]:
     return {i: f"class{i}" for i in range(nc)}
 
 
+def _check_container(path: Path) -> None:
+    """torch.save writes a zip holding ``<root>/data.pkl`` (or, before torch 1.6, a bare pickle):
+    refuse anything else with a plain reason instead of torch's internal error text."""
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            raise SeDeployError(f"{path}: damaged zip archive, not a readable PyTorch checkpoint") from None
+        if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+            raise SeDeployError(f"{path}: a zip archive without data.pkl, not a PyTorch checkpoint")
+        return
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head == b"PK":
+        raise SeDeployError(f"{path}: truncated or damaged zip archive, not a readable PyTorch checkpoint")
+    if len(head) < 2 or head[0] != 0x80 or not 2 <= head[1] <= 5:  # a pickle starts with PROTO 2-5
+        raise SeDeployError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip format nor a pickle)")
+
+
 def _read_pickle(path: Path, trust: bool):
     import torch
 
@@ -116,6 +136,7 @@ def _read_pickle(path: Path, trust: bool):
         raise SeDeployError(f"{path}: file is empty, not a PyTorch checkpoint")
     if path.suffix.lower() == ".onnx":
         raise SeDeployError(f"{path}: this is an ONNX model; give a PyTorch checkpoint (.pt) here")
+    _check_container(path)
     try:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -126,8 +147,7 @@ def _read_pickle(path: Path, trust: bool):
             "pass --trust-checkpoint only if you trust this file"
         ) from None
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as e:
-        first_line = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
-        raise SeDeployError(f"{path}: not a readable PyTorch checkpoint ({first_line})") from None
+        raise SeDeployError(f"{path}: not a readable PyTorch checkpoint ({first_line(e).split('. ')[0]})") from None
     except (AttributeError, ModuleNotFoundError, ImportError) as e:
         raise SeDeployError(f"{path}: checkpoint needs code se-deploy does not have ({e})") from None
 
@@ -143,7 +163,7 @@ def _model_from_state_dict(state: dict, cfg: Path | None, path: Path):
         model = DetectionModel(cfg)
         missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     except (ValueError, KeyError, RuntimeError) as e:
-        raise SeDeployError(f"{path}: state_dict does not fit {cfg.name} ({str(e).splitlines()[0]})") from None
+        raise SeDeployError(f"{path}: state_dict does not fit {cfg.name} ({first_line(e)})") from None
     if missing or unexpected:
         raise SeDeployError(
             f"{path}: state_dict does not fit {cfg.name} "
@@ -191,6 +211,8 @@ def load_checkpoint(path: str | Path, *, cfg: str | Path | None = None, trust: b
     from models.yolo import DetectionModel
 
     path = Path(path)
+    if path.is_dir():
+        raise SeDeployError(f"{path}: is a directory, not a checkpoint file")
     if not path.is_file():
         raise SeDeployError(f"{path}: checkpoint not found")
     obj = _read_pickle(path, trust)

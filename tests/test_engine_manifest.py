@@ -7,6 +7,8 @@ driven by stand-in ``cudart``/``tensorrt`` modules, the comparison by synthetic 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +17,7 @@ import pytest
 
 from se_deploy.tensorrt import engine_manifest as em
 from se_deploy.errors import SeDeployError
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 ORIN = em.Environment(tensorrt="10.3.0", cuda_runtime="12.6", cuda_driver="12.6", gpu_name="Orin",
                       compute_capability="8.7", machine="aarch64")
@@ -165,8 +167,9 @@ def test_broken_manifest_is_refused(tmp_path, text, message):
 
 
 # --- the refusal paths as a user meets them ------------------------------------------------------------
-def _fake_packages(tmp_path: Path, gpus: int) -> dict:
-    """PYTHONPATH with a stand-in ``tensorrt`` (installed, no GPU use) and cuda-python seeing ``gpus`` GPUs."""
+def _fake_packages(tmp_path: Path, gpus: int, driver: bool = True) -> dict:
+    """PYTHONPATH with a stand-in ``tensorrt`` (installed, no GPU use) and cuda-python seeing ``gpus`` GPUs;
+    without a ``driver``, cudaGetDeviceCount raises as cuda-python 12.x (to 12.8) does when libcuda.so is absent."""
     root = tmp_path / "site"
     (root / "tensorrt").mkdir(parents=True)
     (root / "tensorrt" / "__init__.py").write_text('__version__ = "10.3.0"\n')
@@ -175,8 +178,9 @@ def _fake_packages(tmp_path: Path, gpus: int) -> dict:
     (root / "cuda" / "bindings" / "__init__.py").write_text("")
     (root / "cuda" / "bindings" / "runtime.py").write_text(
         "class cudaError_t:\n    cudaSuccess = 0\n    cudaErrorNoDevice = 100\n"
-        f"def cudaGetDeviceCount():\n    return (0, {gpus}) if {gpus} else (cudaError_t.cudaErrorNoDevice, 0)\n"
-        "def cudaGetErrorName(err):\n    return 0, b'cudaErrorNoDevice'\n"
+        + ("def cudaGetDeviceCount():\n    raise RuntimeError('Failed to dlopen libcuda.so.1')\n" if not driver else
+           f"def cudaGetDeviceCount():\n    return (0, {gpus}) if {gpus} else (cudaError_t.cudaErrorNoDevice, 0)\n")
+        + "def cudaGetErrorName(err):\n    return 0, b'cudaErrorNoDevice'\n"
     )
     return {"PYTHONPATH": str(root)}
 
@@ -212,6 +216,20 @@ def test_engine_model_without_tensorrt(tmp_path):
     engine.write_bytes(b"plan")
     result = run_cli("bench", "--model", engine, "--iters", "1", cwd=tmp_path, env=_absent_tensorrt(tmp_path))
     _one_line_error(result, "TensorRT is not installed")
+
+
+def test_cuda_python_without_a_driver_means_no_gpu(fixtures, tmp_path):
+    env = _fake_packages(tmp_path, gpus=1, driver=False)
+    result = run_cli("build-trt", fixtures / "onnx" / "upstream-export-320.onnx", "--fp16", cwd=tmp_path, env=env)
+    _one_line_error(result, "no CUDA GPU found (Failed to dlopen libcuda.so.1)")
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"plan")
+    result = run_cli("bench", "--model", engine, "--iters", "1", cwd=tmp_path, env=env)
+    _one_line_error(result, "no CUDA GPU found (Failed to dlopen libcuda.so.1)")
+    probe = subprocess.run([sys.executable, "-c", "from se_deploy.model_select import tensorrt_usable; "
+                            "print(tensorrt_usable())"], capture_output=True, text=True, cwd=REPO,
+                           env={**os.environ, "PYTHONPATH": f"{env['PYTHONPATH']}:{REPO}"})
+    assert probe.stdout.strip() == "False", probe.stderr
 
 
 def test_engine_model_without_gpu(tmp_path):

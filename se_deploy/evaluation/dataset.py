@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from se_deploy.errors import SeDeployError
+from se_deploy.errors import SeDeployError, first_line
 from se_deploy.inference.preprocess import IMAGE_SUFFIXES
 
 
@@ -71,7 +71,7 @@ def read_data_yaml(path: str | Path, split: str = "val") -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise SeDeployError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise SeDeployError(f"{path}: not valid YAML ({first_line(e)})") from None
     if not isinstance(data, dict):
         raise SeDeployError(f"{path}: expected a mapping with path, val, nc, names")
     missing = [k for k in (split, "names") if data.get(k) in (None, "", [], {})]

@@ -183,7 +183,12 @@ def run_parity_check(
     files = image_paths(images if images is not None else DEMO_IMAGES)
     if device is None and model_path.suffix.lower() == ".onnx":
         device = "cpu"  # judge the graph, not a GPU provider's TF32 or kernel choices
-    reference = load_runner(weights, device="cpu", cfg=cfg, trust=trust)
+    from se_deploy.runners.torch_runner import TorchRunner
+
+    if not weights.is_file():
+        raise SeDeployError(f"{weights}: checkpoint not found" if not weights.exists() else
+                            f"{weights}: is a directory, not a checkpoint file")
+    reference = TorchRunner(weights, device="cpu", cfg=cfg, trust=trust)  # whatever its name: the loader judges it
     with load_runner(model_path, device=device) as runner, reference:
         if runner.nc and runner.nc != reference.nc:
             raise SeDeployError(

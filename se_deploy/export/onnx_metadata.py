@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnx
 
-from se_deploy.errors import SeDeployError
+from se_deploy.errors import SeDeployError, first_line
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def read_props(source: str | Path | onnx.ModelProto) -> dict[str, str]:
         try:
             source = onnx.load(str(source), load_external_data=False)
         except (OSError, DecodeError, ValueError) as e:
-            raise SeDeployError(f"{source}: not a readable ONNX model ({str(e).splitlines()[0][:200]})") from None
+            raise SeDeployError(f"{source}: not a readable ONNX model ({first_line(e)})") from None
     return {p.key: p.value for p in source.metadata_props}
 
 

@@ -36,7 +36,7 @@ import onnx
 from onnx import numpy_helper
 
 from se_deploy.artifacts import ENGINES_DIR, atomic_output, sha256_file
-from se_deploy.errors import SeDeployError
+from se_deploy.errors import SeDeployError, first_line
 
 PRECISIONS = ("fp16", "int8")
 CALIB_METHODS = ("entropy", "max")
@@ -108,7 +108,7 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path))
     except Exception as e:  # protobuf and onnx raise several types for a damaged file
-        raise SeDeployError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:200]})") from None
+        raise SeDeployError(f"{path}: not a readable ONNX model ({first_line(e)})") from None
 
 
 def graph_input(model: onnx.ModelProto, path: Path) -> tuple[str, tuple]:

@@ -10,25 +10,28 @@ from se_deploy.runners.base import Runner
 MODEL_SUFFIXES = (".pt", ".onnx", ".engine", ".plan")
 
 
-def load_runner(path: str | Path, device: str | None = None, **options) -> Runner:
-    """A (not yet activated) runner for ``path``, chosen by its suffix."""
+def load_runner(path: str | Path, device: str | None = None, *, cfg: str | Path | None = None,
+                trust: bool = False) -> Runner:
+    """A (not yet activated) runner for ``path``, chosen by its suffix; ``cfg``/``trust`` are for checkpoints."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in MODEL_SUFFIXES:
         raise SeDeployError(f"{path}: unknown model type '{suffix}' (expected {', '.join(MODEL_SUFFIXES)})")
     if not path.is_file():
-        raise SeDeployError(f"{path}: model not found")
+        raise SeDeployError(f"{path}: is a directory, not a model file" if path.is_dir() else f"{path}: model not found")
     if suffix == ".pt":
         from se_deploy.runners.torch_runner import TorchRunner
 
-        return TorchRunner(path, device=device, **options)
+        return TorchRunner(path, device=device, cfg=cfg, trust=trust)
+    if cfg is not None or trust:
+        raise SeDeployError(f"{path}: --cfg and --trust-checkpoint apply to .pt checkpoints only")
     if suffix == ".onnx":
         from se_deploy.runners.onnxruntime_runner import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(path, device=device, **options)
+        return OnnxRuntimeRunner(path, device=device)
     from se_deploy.runners.tensorrt_runner import TensorRTRunner
 
-    return TensorRTRunner(path, device=device, **options)
+    return TensorRTRunner(path, device=device)
 
 
 __all__ = ["MODEL_SUFFIXES", "Runner", "load_runner"]

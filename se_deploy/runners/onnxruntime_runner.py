@@ -7,7 +7,7 @@ import ctypes.util
 
 import numpy as np
 
-from se_deploy.errors import SeDeployError
+from se_deploy.errors import SeDeployError, first_line
 from se_deploy.runners.base import Runner
 
 _PROVIDERS = {
@@ -91,7 +91,7 @@ class OnnxRuntimeRunner(Runner):
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as e:  # ORT raises its own exception types for unreadable or invalid models
-            raise SeDeployError(f"{self.path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
+            raise SeDeployError(f"{self.path}: ONNX Runtime cannot load it ({first_line(e)})") from None
         used = self.session.get_providers()[0]
         if self._requested_device not in (None, "cpu") and used != _PROVIDERS[self._requested_device]:
             raise SeDeployError(f"--device {self._requested_device}: ONNX Runtime could not use {_PROVIDERS[self._requested_device]} here")

@@ -14,7 +14,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from se_deploy.errors import SeDeployError
+from se_deploy.errors import SeDeployError, first_line
 
 MANIFEST_FORMAT = "se-deploy-engine"
 MANIFEST_VERSION = 1
@@ -29,7 +29,7 @@ def require_tensorrt():
     except ImportError:
         raise SeDeployError(f"TensorRT is not installed: {INSTALL_HINT}") from None
     except OSError as e:  # the wheel is there but its libraries (libnvinfer, CUDA) do not load
-        raise SeDeployError(f"TensorRT is installed but does not load ({str(e).splitlines()[0]}): {INSTALL_HINT}") from None
+        raise SeDeployError(f"TensorRT is installed but does not load ({first_line(e)}): {INSTALL_HINT}") from None
     return tensorrt
 
 
@@ -94,7 +94,10 @@ def current_environment(device: int = 0) -> Environment:
     """Probe TensorRT, CUDA and GPU ``device``; each missing piece is a one-line SeDeployError."""
     trt = require_tensorrt()
     cudart = require_cudart()
-    err, count = cudart.cudaGetDeviceCount()
+    try:
+        err, count = cudart.cudaGetDeviceCount()
+    except RuntimeError as e:  # cuda-python 12.x (to 12.8) raises when libcuda.so cannot be loaded: no driver
+        raise SeDeployError(f"no CUDA GPU found ({first_line(e)}): TensorRT engines need an NVIDIA GPU and its driver") from None
     if err != cudart.cudaError_t.cudaSuccess or count == 0:
         reason = "no device" if err == cudart.cudaError_t.cudaSuccess else _error_name(cudart, err)
         raise SeDeployError(f"no CUDA GPU found ({reason}): TensorRT engines need an NVIDIA GPU and its driver")
@@ -119,7 +122,8 @@ def manifest_path(engine: str | Path) -> Path:
 
 def make_manifest(env: Environment, *, engine_sha256: str, precision: str, inputs: list[dict], outputs: list[dict],
                   batch_profile: dict | None, names: dict[int, str], stride: int, imgsz: tuple[int, int],
-                  source_onnx: Path, source_sha256: str, build: dict, rebuild: str) -> dict:
+                  source_onnx: Path, source_sha256: str, build: dict, rebuild: str,
+                  size_profile: list | None = None) -> dict:
     """The manifest as a JSON-ready dict (``build`` holds flags, workspace, DLA, timing cache, time)."""
     from se_deploy import __version__
 
@@ -128,6 +132,7 @@ def make_manifest(env: Environment, *, engine_sha256: str, precision: str, input
         "tensorrt": env.tensorrt, "cuda_runtime": env.cuda_runtime, "cuda_driver": env.cuda_driver,
         "gpu": {"name": env.gpu_name, "compute_capability": env.compute_capability, "machine": env.machine},
         "precision": precision, "inputs": inputs, "outputs": outputs, "batch_profile": batch_profile,
+        "size_profile": size_profile,
         "names": {str(k): v for k, v in names.items()}, "stride": int(stride), "imgsz": [int(v) for v in imgsz],
         "source_onnx": {"path": str(source_onnx), "sha256": source_sha256},
         "engine_sha256": engine_sha256, "build": build, "rebuild": rebuild,
