@@ -19,6 +19,11 @@ from se_deploy.runners.tensorrt_runner import TensorRTRunner
 
 IMGSZ, ANCHORS, NC = 64, 252, 3  # (8*8 + 4*4 + 2*2) * 3 anchors at 64 px
 PROFILE = ((2, 3, IMGSZ, IMGSZ), (2, 3, IMGSZ, IMGSZ), (4, 3, IMGSZ, IMGSZ))  # batch 2..4
+SIZE_PROFILE = ((1, 3, 32, 32), (1, 3, 64, 64), (2, 3, 128, 128))  # a dynamic-size engine: 32..128 px
+
+
+def anchors(h: int, w: int) -> int:
+    return 3 * sum((h // s) * (w // s) for s in (8, 16, 32))
 
 
 class FakeCudart:
@@ -79,14 +84,15 @@ class FakeContext:
     """An execution context whose 'network' writes each image's mean into column 0 of its rows."""
 
     def __init__(self):
-        self.batch, self.addresses = None, {}
+        self.shape, self.addresses = None, {}
         self.batches_run: list[int] = []
+        self.shapes_run: list[tuple] = []
 
     def set_input_shape(self, name, shape):
-        self.batch = shape[0]
+        self.shape = tuple(shape)
 
     def get_tensor_shape(self, name):
-        return (self.batch, ANCHORS, 5 + NC)
+        return (self.shape[0], anchors(*self.shape[2:]), 5 + NC)
 
     def set_tensor_address(self, name, address):
         self.addresses[name] = address
@@ -97,20 +103,22 @@ class FakeContext:
         return np.ctypeslib.as_array(memory).reshape(shape)
 
     def execute_async_v3(self, stream):
-        n = self.batch
-        images = self._array("images", (n, 3 * IMGSZ * IMGSZ))
-        out = self._array("output0", (n, ANCHORS, 5 + NC))
+        n, _, h, w = self.shape
+        images = self._array("images", (n, 3 * h * w))
+        out = self._array("output0", (n, anchors(h, w), 5 + NC))
         out[:] = 0
         out[:, :, 0] = images.mean(1)[:, None]
         self.batches_run.append(n)
+        self.shapes_run.append(self.shape)
         return True
 
 
 class FakeEngine:
     num_io_tensors = 2
 
-    def __init__(self):
+    def __init__(self, input_shape=(-1, 3, IMGSZ, IMGSZ), profile=PROFILE):
         self.context = FakeContext()
+        self.input_shape, self.profile = input_shape, profile
 
     def get_tensor_name(self, i):
         return ("images", "output0")[i]
@@ -119,10 +127,10 @@ class FakeEngine:
         return "in" if name == "images" else "out"
 
     def get_tensor_shape(self, name):
-        return (-1, 3, IMGSZ, IMGSZ) if name == "images" else (-1, ANCHORS, 5 + NC)
+        return self.input_shape if name == "images" else (-1, -1, 5 + NC)
 
     def get_tensor_profile_shape(self, name, profile):
-        return PROFILE
+        return self.profile
 
     def get_tensor_dtype(self, name):
         return np.float32
@@ -173,3 +181,21 @@ def test_a_failed_activation_frees_what_it_had_allocated(stand_in, fail, fail_af
     with pytest.raises(SeDeployError, match=f"CUDA {fail} failed: cudaErrorMemoryAllocation"):
         runner.activate()
     assert cudart.live == {} and not runner.is_active
+
+
+def test_a_dynamic_size_engine_runs_each_size_of_its_profile(stand_in):
+    path, cudart, engine = stand_in
+    dynamic = FakeEngine(input_shape=(-1, 3, -1, -1), profile=SIZE_PROFILE)
+    engine.__dict__.update(dynamic.__dict__)  # the stand-in runtime hands out this engine object
+    rng = np.random.default_rng(1)
+    with TensorRTRunner(path) as runner:
+        assert runner.imgsz is None and runner.static_batch is None and runner.max_batch == 2
+        for h, w in ((64, 96), (128, 128), (32, 64)):
+            images = rng.random((2, 3, h, w), np.float32)
+            out = runner.infer(images)
+            assert out.shape == (2, anchors(h, w), 5 + NC)
+            np.testing.assert_allclose(out[:, 0, 0], images.reshape(2, -1).mean(1), rtol=1e-5)
+        with pytest.raises(SeDeployError, match="built for inputs from 32x32 to 128x128, got 160x128"):
+            runner.infer(rng.random((1, 3, 160, 128), np.float32))
+    assert engine.context.shapes_run == [(2, 3, 64, 96), (2, 3, 128, 128), (2, 3, 32, 64)]
+    assert cudart.live == {}

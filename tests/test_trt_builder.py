@@ -123,6 +123,36 @@ def test_dynamic_size_falls_back_to_metadata(static_onnx, tmp_path):
     assert plan(model).imgsz == (256, 320)
 
 
+def test_dynamic_size_gets_a_size_profile(static_onnx, tmp_path):
+    model = _with_input_dims(static_onnx, tmp_path / "anysize.onnx", ["batch", 3, "height", "width"],
+                             {"imgsz": "[320, 320]", "stride": "32"})
+    p = plan(model)  # default: any size from one stride up to the export size
+    assert p.size_profile == ((32, 32), (320, 320), (320, 320))
+    assert p.shapes() == ((1, 3, 32, 32), (1, 3, 320, 320), (8, 3, 320, 320))
+    p = plan(model, imgsz=(384, 640), min_imgsz=256, max_imgsz=(640, 1280), batch=1)
+    assert p.shapes() == ((1, 3, 256, 256), (1, 3, 384, 640), (1, 3, 640, 1280))
+    assert "--imgsz 384,640 --min-imgsz 256,256 --max-imgsz 640,1280" in p.rebuild_command()
+    log = []
+    tb.configure(FAKE_TRT, Recorder(log, "builder"), Recorder(log, "config"), p)
+    assert ("profile.set_shape", ("images", *p.shapes())) in log  # one profile carries batch and size
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"imgsz": 320, "min_imgsz": 416}, "need --min-imgsz <= --imgsz <= --max-imgsz"),
+    ({"imgsz": 320, "max_imgsz": 256}, "need --min-imgsz <= --imgsz <= --max-imgsz"),
+    ({"imgsz": 330}, "--imgsz 330,330: sides must be multiples of the stride 32"),
+])
+def test_bad_size_profiles_are_refused(static_onnx, tmp_path, options, message):
+    model = _with_input_dims(static_onnx, tmp_path / "anysize.onnx", ["batch", 3, "height", "width"])
+    with pytest.raises(SeDeployError, match=message):
+        plan(model, **options)
+
+
+def test_fixed_size_model_refuses_a_size_range(static_onnx):
+    with pytest.raises(SeDeployError, match="has a fixed 320x320 input; export it with --dynamic-size"):
+        plan(static_onnx, max_imgsz=640)
+
+
 def test_imgsz_must_match_a_fixed_size(static_onnx):
     with pytest.raises(SeDeployError, match="--imgsz 640: model.onnx has a fixed 320x320 input"):
         plan(static_onnx, imgsz=640)

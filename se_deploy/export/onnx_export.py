@@ -18,10 +18,11 @@ import numpy as np
 import onnx
 
 from se_deploy import __version__
-from se_deploy.artifacts import ENGINES_DIR, atomic_output, sha256_file
-from se_deploy.errors import SeDeployError
+from se_deploy.artifacts import ENGINES_DIR, atomic_output, check_output_path, sha256_file
+from se_deploy.errors import SeDeployError, first_line
 from se_deploy.export.onnx_metadata import OnnxMetadata, write_metadata
 from se_deploy.export.se_graph_pass import SERewrite, clean_se_blocks
+from se_deploy.inference.preprocess import IMGSZ_RANGE
 
 DEFAULT_OPSET = 17
 # 13: first opset with per-channel Q/DQ (INT8) and Squeeze/Unsqueeze axes as inputs.
@@ -41,6 +42,8 @@ class ExportReport:
     imgsz: tuple[int, int]
     batch: int
     dynamic: bool
+    dynamic_size: bool
+    input_shape: list  # (batch, 3, h, w); a dynamic axis is its name: 'batch', 'height', 'width'
     opset: int
     simplifier: str | None  # 'onnxsim', 'onnxslim' or None (--no-simplify)
     nodes: dict[str, int | None]  # exported / simplified / final
@@ -54,7 +57,8 @@ class ExportReport:
     def to_dict(self) -> dict:
         return {
             "onnx": str(self.onnx), "weights": str(self.weights), "imgsz": list(self.imgsz), "batch": self.batch,
-            "dynamic": self.dynamic, "opset": self.opset, "simplifier": self.simplifier, "nodes": self.nodes,
+            "dynamic": self.dynamic, "dynamic_size": self.dynamic_size, "input_shape": self.input_shape,
+            "opset": self.opset, "simplifier": self.simplifier, "nodes": self.nodes,
             "se_blocks": self.se.to_dict(), "metadata": self.metadata, "output_shape": self.output_shape,
             "seconds": round(self.seconds, 2), "notices": self.notices,
             "parity": None if self.parity is None else self.parity.to_dict(),
@@ -63,8 +67,9 @@ class ExportReport:
 
 def _imgsz(imgsz: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     sides = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
-    if len(sides) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in sides):
-        raise SeDeployError(f"--imgsz {imgsz}: expected one or two positive integers")
+    low, high = IMGSZ_RANGE
+    if len(sides) != 2 or not all(isinstance(s, (int, np.integer)) and low <= s <= high for s in sides):
+        raise SeDeployError(f"--imgsz {imgsz}: expected one or two sides of {low}-{high} px")
     return int(sides[0]), int(sides[1])
 
 
@@ -91,22 +96,29 @@ def default_output(weights: str | Path) -> Path:
     return ENGINES_DIR / f"{Path(weights).stem}.onnx"
 
 
-def torch_to_onnx(model, imgsz: tuple[int, int], batch: int, dynamic: bool, opset: int) -> onnx.ModelProto:
+def dynamic_axes(dynamic: bool, dynamic_size: bool) -> dict | None:
+    """ONNX axis names: the batch (``dynamic``), or batch, height and width (``dynamic_size``)."""
+    if dynamic_size:
+        return {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch", 1: "anchors"}}
+    return {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
+
+
+def torch_to_onnx(model, imgsz: tuple[int, int], batch: int, axes: dict | None, opset: int) -> onnx.ModelProto:
     """Trace a fused eval DetectionModel to ONNX with Detect in export mode (TorchScript exporter)."""
     import io
 
     import torch
 
     head = model.model[-1]
-    head.export, head.dynamic = True, False
+    # A free height/width needs the Detect grids traced from the feature map's shape, not baked in.
+    head.export, head.dynamic = True, bool(axes and 2 in axes[INPUT_NAME])
     example = torch.zeros(batch, 3, *imgsz)
     try:
         with torch.no_grad():
             model(example)  # builds the Detect grids for this input size
     except RuntimeError as e:
-        raise SeDeployError(f"the model cannot run at {imgsz[0]}x{imgsz[1]}: {str(e).splitlines()[0][:200]}") from None
+        raise SeDeployError(f"the model cannot run at {imgsz[0]}x{imgsz[1]}: {first_line(e)}") from None
     buffer = io.BytesIO()
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # TracerWarning / deprecation notices about the exporter itself
@@ -125,14 +137,14 @@ def validate(model: onnx.ModelProto, batch: int, imgsz: tuple[int, int]) -> list
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as e:
-        raise SeDeployError(f"exported ONNX fails onnx.checker: {str(e).splitlines()[0][:200]}") from None
+        raise SeDeployError(f"exported ONNX fails onnx.checker: {first_line(e)}") from None
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         output = session.run(None, {INPUT_NAME: np.zeros((batch, 3, *imgsz), np.float32)})[0]
     except Exception as e:  # ORT's own exception types
-        raise SeDeployError(f"ONNX Runtime cannot run the exported model: {str(e).splitlines()[0][:200]}") from None
+        raise SeDeployError(f"ONNX Runtime cannot run the exported model: {first_line(e)}") from None
     return list(output.shape)
 
 
@@ -141,8 +153,9 @@ def export_onnx(
     out: str | Path | None = None,
     *,
     imgsz: int | tuple[int, int] = 640,
-    batch: int = 1,
+    batch: int | None = None,
     dynamic: bool = False,
+    dynamic_size: bool = False,
     opset: int = DEFAULT_OPSET,
     simplify: bool = True,
     check: bool = True,
@@ -152,8 +165,9 @@ def export_onnx(
 ) -> ExportReport:
     """Export ``weights`` to ONNX at ``out`` (default engines/<stem>.onnx); with ``check``, prove parity.
 
-    The file appears only once it has passed onnx.checker and run in ONNX Runtime. A failed parity
-    check does not raise: the report's ``parity.passed`` says so.
+    ``batch`` fixes the batch (default 1); ``dynamic`` frees it; ``dynamic_size`` frees the batch, the
+    height and the width. The file appears only once it has passed onnx.checker and run in ONNX
+    Runtime. A failed parity check does not raise: the report's ``parity.passed`` says so.
     """
     from se_deploy.checkpoint import load_checkpoint
     from se_deploy.model_info import se_blocks
@@ -162,13 +176,15 @@ def export_onnx(
     say = progress or (lambda message: None)
     check_opset(opset)
     imgsz = _imgsz(imgsz)
+    if (dynamic or dynamic_size) and batch is not None:
+        raise SeDeployError("--batch and --dynamic/--dynamic-size exclude each other: a dynamic-batch model takes any batch")
+    batch = 1 if batch is None else batch
     if batch < 1:
         raise SeDeployError(f"--batch {batch}: must be at least 1")
-    if dynamic and batch != 1:
-        raise SeDeployError("--batch and --dynamic exclude each other: a dynamic-batch model takes any batch")
     out = Path(out) if out is not None else default_output(weights)
     if out.suffix.lower() != ".onnx":
         raise SeDeployError(f"{out}: the output must end in .onnx")
+    check_output_path(out)  # before minutes of work, not after
 
     notices: list[str] = []
     with atomic_output(out) as tmp:
@@ -178,9 +194,10 @@ def export_onnx(
         imgsz, notice = round_to_stride(imgsz, stride)
         notices += [notice] if notice else []
 
-        batching = "dynamic batch" if dynamic else f"batch {batch}"
+        axes = dynamic_axes(dynamic, dynamic_size)
+        batching = "dynamic batch and size" if dynamic_size else "dynamic batch" if dynamic else f"batch {batch}"
         say(f"exporting ONNX (opset {opset}, {imgsz[0]}x{imgsz[1]}, {batching})")
-        model = torch_to_onnx(loaded.model, imgsz, batch, dynamic, opset)
+        model = torch_to_onnx(loaded.model, imgsz, batch, axes, opset)
         nodes = {"exported": len(model.graph.node), "simplified": None, "final": None}
         simplifier = None
         if simplify:
@@ -201,18 +218,21 @@ def export_onnx(
         nodes["final"] = len(model.graph.node)
         metadata = write_metadata(model, OnnxMetadata(
             stride=stride, names=loaded.names, imgsz=imgsz, nc=int(loaded.model.model[-1].nc), batch=batch,
-            dynamic=dynamic, se_blocks=se.found, source_sha256=sha256_file(weights), se_deploy_version=__version__,
+            dynamic=bool(axes), se_blocks=se.found, source_sha256=sha256_file(weights), se_deploy_version=__version__,
         ))
         model.doc_string = f"se-deploy {__version__} export of {Path(weights).name}"
 
         say("checking with onnx.checker and ONNX Runtime")
         output_shape = validate(model, batch, imgsz)
         onnx.save(model, tmp)
-        if dynamic:
-            output_shape[0] = "batch"
+    input_shape = [batch, 3, *imgsz]
+    for names, shape in ((axes or {}).get(INPUT_NAME, {}), input_shape), ((axes or {}).get(OUTPUT_NAME, {}), output_shape):
+        for axis, name in names.items():
+            shape[axis] = name
 
     report = ExportReport(
-        onnx=out, weights=Path(weights), imgsz=imgsz, batch=batch, dynamic=dynamic, opset=opset,
+        onnx=out, weights=Path(weights), imgsz=imgsz, batch=batch, dynamic=bool(axes), dynamic_size=dynamic_size,
+        input_shape=input_shape, opset=opset,
         simplifier=simplifier, nodes=nodes, se=se, metadata=metadata, output_shape=output_shape,
         seconds=0.0, notices=notices,
     )

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from se_deploy.errors import SeDeployError
+from se_deploy.errors import SeDeployError, first_line
 
 
 @dataclass
@@ -44,11 +44,6 @@ def _captured_fds() -> Iterator[list[str]]:
                 os.close(fd)
             sink.seek(0)
             text.append(sink.read().decode(errors="replace"))
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[0] if lines else type(error).__name__)[:200]
 
 
 def _onnxsim(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -85,20 +80,30 @@ def tidy(model: onnx.ModelProto) -> onnx.ModelProto:
     return ir.to_proto(graph_model)
 
 
+def _keep_metadata(simplified: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """The original's ``metadata_props`` only: the simplifiers add their own (onnxsim 19 ``onnxsim.*`` keys)."""
+    del simplified.metadata_props[:]
+    simplified.metadata_props.extend(original.metadata_props)
+    return simplified
+
+
 def simplify(model: onnx.ModelProto) -> Simplified:
-    """Simplify with onnxsim; if it is missing or fails, with onnxslim (and say so in ``notices``)."""
+    """Simplify with onnxsim; if it is missing or fails, with onnxslim (and say so in ``notices``).
+
+    The result keeps the model's own metadata and nothing the simplifier adds about itself.
+    """
     notices = []
     try:
-        return Simplified(tidy(_onnxsim(model)), "onnxsim")
+        return Simplified(_keep_metadata(tidy(_onnxsim(model)), model), "onnxsim")
     except ImportError:
         notices.append("onnxsim is not installed; simplifying with onnxslim instead")
     except Exception as e:  # onnxsim raises many types (RuntimeError, onnx errors, C++ exceptions)
-        notices.append(f"onnxsim failed ({_first_line(e)}); simplifying with onnxslim instead")
+        notices.append(f"onnxsim failed ({first_line(e)}); simplifying with onnxslim instead")
     try:
-        return Simplified(tidy(_onnxslim(model)), "onnxslim", notices)
+        return Simplified(_keep_metadata(tidy(_onnxslim(model)), model), "onnxslim", notices)
     except ImportError:
         raise SeDeployError(
             "neither onnxsim nor onnxslim works here: pip install 'se-deploy[export]', or pass --no-simplify"
         ) from None
     except Exception as e:
-        raise SeDeployError(f"onnxslim failed too ({_first_line(e)}); pass --no-simplify to skip it") from None
+        raise SeDeployError(f"onnxslim failed too ({first_line(e)}); pass --no-simplify to skip it") from None

@@ -16,6 +16,7 @@ import numpy as np
 from se_deploy.errors import SeDeployError
 
 PAD_VALUE = 114
+IMGSZ_RANGE = (32, 4096)  # input sides in px: one stride at least; past 4096 no YOLOv5 deployment runs
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 

@@ -68,6 +68,8 @@ class TensorRTRunner(Runner):
         self.manifest: dict | None = None
         self.max_batch = 1
         self._min_batch = 1
+        self._dynamic = False
+        self._size_range = ((0, 0), (1 << 30, 1 << 30))
 
     def _activate(self) -> None:
         trt, cudart = require_tensorrt(), require_cudart()
@@ -109,6 +111,8 @@ class TensorRTRunner(Runner):
         else:
             low = high = shape
         self._min_batch, self.max_batch, max_shape = low[0], high[0], high
+        self._dynamic = -1 in shape
+        self._size_range = (tuple(low[2:]), tuple(high[2:]))
         # the batch axis stays open; a size the profile pins (min == max) is the model's size
         self.input_shape = (None if shape[0] == -1 else int(shape[0]),
                             *(int(h) if lo == h else None for lo, h in zip(low[1:], high[1:])))
@@ -143,13 +147,23 @@ class TensorRTRunner(Runner):
     def _deactivate(self) -> None:
         self._release()
 
+    def check_input(self, batch: np.ndarray) -> None:
+        """Besides the base checks: a dynamic-size engine takes the sizes of its profile only."""
+        super().check_input(batch)
+        (low_h, low_w), (high_h, high_w) = self._size_range
+        h, w = batch.shape[2:]
+        if not (low_h <= h <= high_h and low_w <= w <= high_w):
+            raise SeDeployError(f"{self.path.name}: built for inputs from {low_h}x{low_w} to {high_h}x{high_w}, got "
+                                f"{h}x{w} (rebuild with `se-deploy build-trt --min-imgsz/--max-imgsz`)")
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
         """One call of at most max_batch images (padded up to the profile's minimum)."""
         cudart, n = self._cudart, len(batch)
         size = max(n, self._min_batch)
-        if self.static_batch is None:
+        if self._dynamic:
             self.context.set_input_shape(self.input_name, (size, *batch.shape[1:]))
-        host_in = self._in.host[:size]
+        shape = (size, *batch.shape[1:])  # within the buffer's max shape: a view of its first bytes
+        host_in = self._in.host.reshape(-1)[: int(np.prod(shape))].reshape(shape)
         host_in[:n] = batch
         host_in[n:] = 0
         out_shape = tuple(self.context.get_tensor_shape(self._output_name))

@@ -45,6 +45,7 @@ DEFAULT_MAX_BATCH = 8  # dynamic-batch models: profile 1 / 1 / 8 unless told oth
 MIN_TENSORRT = 10  # strongly typed networks, IProgressMonitor, name-based I/O
 
 OnPhase = Callable[[str, str | None, int, int], None]  # (phase, parent phase, steps done, steps total)
+Size = int | tuple[int, int]  # a square side, or (h, w)
 
 
 @dataclass(frozen=True)
@@ -66,18 +67,26 @@ class BuildPlan:
     precision: str  # the ONNX's: 'fp32', 'fp16' or 'int8'
     input_name: str
     input_shape: tuple  # (N, 3, H, W), None where the ONNX is dynamic
-    imgsz: tuple[int, int]
-    profile: BatchProfile | None  # None: static batch, no optimization profile
+    imgsz: tuple[int, int]  # the size TensorRT tunes for (the profile's opt size)
+    profile: BatchProfile | None  # None: static batch
     workspace_bytes: int | None
     dla_core: int | None
     timing_cache: Path
+    size_profile: tuple | None = None  # ((h, w) min, opt, max) for an ONNX with a dynamic height and width
     flags: tuple[str, ...] = field(default=())  # BuilderFlags set (besides the strongly typed network)
     cleared_flags: tuple[str, ...] = field(default=())  # BuilderFlags cleared
+
+    @property
+    def needs_profile(self) -> bool:
+        """An optimization profile is needed when the batch or the size is dynamic."""
+        return self.profile is not None or self.input_shape[2] is None
 
     def shapes(self) -> tuple[tuple, tuple, tuple]:
         """(min, opt, max) input shapes of the optimization profile."""
         channels = self.input_shape[1] or 3
-        return tuple((b, channels, *self.imgsz) for b in (self.profile.min, self.profile.opt, self.profile.max))
+        batches = (self.profile.min, self.profile.opt, self.profile.max) if self.profile else (self.input_shape[0],) * 3
+        sizes = self.size_profile or (self.imgsz,) * 3
+        return tuple((b, channels, *hw) for b, hw in zip(batches, sizes))
 
     def rebuild_command(self) -> str:
         """The ``build-trt`` command line that makes this engine again (recorded in the manifest)."""
@@ -85,8 +94,9 @@ class BuildPlan:
         if self.profile:
             args += ["--min-batch", str(self.profile.min), "--opt-batch", str(self.profile.opt),
                      "--max-batch", str(self.profile.max)]
-        if self.input_shape[2] is None:
-            args += ["--imgsz", str(max(self.imgsz))]
+        if self.size_profile:
+            low, opt, high = (f"{h},{w}" for h, w in self.size_profile)
+            args += ["--imgsz", opt, "--min-imgsz", low, "--max-imgsz", high]
         if self.workspace_bytes:
             args += ["--workspace", f"{self.workspace_bytes / 2**30:g}"]
         if self.dla_core is not None:
@@ -124,6 +134,36 @@ def batch_profile(path: Path, static_batch: int | None, batch: int | None, min_b
     return BatchProfile(low, opt, high)
 
 
+def _hw(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def image_sizes(path: Path, dims: tuple, meta: OnnxMetadata, imgsz: Size | None, min_imgsz: Size | None,
+                max_imgsz: Size | None) -> tuple[tuple[int, int], tuple | None]:
+    """(the size TensorRT tunes for, (min, opt, max) sizes or None): a fixed-size ONNX has its own size;
+    one with a dynamic height and width gets a profile, by default from one stride up to --imgsz."""
+    if dims[2] and dims[3]:
+        size = (dims[2], dims[3])
+        if imgsz is not None and _hw(imgsz) != size:
+            raise SeDeployError(f"--imgsz {imgsz}: {path.name} has a fixed {size[0]}x{size[1]} input")
+        if min_imgsz is not None or max_imgsz is not None:
+            raise SeDeployError(f"--min-imgsz/--max-imgsz: {path.name} has a fixed {size[0]}x{size[1]} input; "
+                                "export it with --dynamic-size for a range of sizes")
+        return size, None
+    opt = _hw(imgsz) if imgsz is not None else meta.imgsz
+    if not opt:
+        raise SeDeployError(f"{path.name} has a dynamic input size: pass --imgsz")
+    stride = meta.stride or 32
+    low = _hw(min_imgsz) if min_imgsz is not None else (stride, stride)
+    high = _hw(max_imgsz) if max_imgsz is not None else opt
+    for label, hw in (("--min-imgsz", low), ("--imgsz", opt), ("--max-imgsz", high)):
+        if hw[0] % stride or hw[1] % stride:
+            raise SeDeployError(f"{label} {hw[0]},{hw[1]}: sides must be multiples of the stride {stride}")
+    if not all(lo <= o <= hi for lo, o, hi in zip(low, opt, high)):
+        raise SeDeployError(f"size profile {low} / {opt} / {high}: need --min-imgsz <= --imgsz <= --max-imgsz on each side")
+    return tuple(opt), (tuple(low), tuple(opt), tuple(high))
+
+
 def timing_cache_name(env: Environment) -> str:
     """One cache per GPU model and TensorRT version (TensorRT rejects a cache from another)."""
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", env.gpu_name).strip("-").lower() or "gpu"
@@ -132,25 +172,16 @@ def timing_cache_name(env: Environment) -> str:
 
 def plan_build(onnx_path: str | Path, env: Environment, out: str | Path | None = None, *, precision: str,
                batch: int | None = None, min_batch: int | None = None, opt_batch: int | None = None,
-               max_batch: int | None = None, imgsz: int | None = None, workspace_gb: float | None = None,
-               dla_core: int | None = None, timing_cache: str | Path | None = None,
-               directory: str | Path = ENGINES_DIR) -> BuildPlan:
+               max_batch: int | None = None, imgsz: Size | None = None, min_imgsz: Size | None = None,
+               max_imgsz: Size | None = None, workspace_gb: float | None = None, dla_core: int | None = None,
+               timing_cache: str | Path | None = None, directory: str | Path = ENGINES_DIR) -> BuildPlan:
     """Check the options against the ONNX and decide the build (no TensorRT needed)."""
     onnx_path = Path(onnx_path)
     engine = Path(out) if out is not None else Path(directory) / f"{onnx_path.stem}.engine"
     if engine.suffix.lower() not in ENGINE_SUFFIXES:
         raise SeDeployError(f"{engine}: the engine file must end in .engine or .plan")
     name, dims, props = onnx_io(onnx_path)
-    if dims[2] and dims[3]:
-        size = (dims[2], dims[3])
-        if imgsz is not None and imgsz != max(size):
-            raise SeDeployError(f"--imgsz {imgsz}: {onnx_path.name} has a fixed {size[0]}x{size[1]} input")
-    elif imgsz is not None:
-        size = (imgsz, imgsz)
-    else:
-        size = OnnxMetadata.from_props(props).imgsz
-        if not size:
-            raise SeDeployError(f"{onnx_path.name} has a dynamic input size: pass --imgsz")
+    size, sizes = image_sizes(onnx_path, dims, OnnxMetadata.from_props(props), imgsz, min_imgsz, max_imgsz)
     if workspace_gb is not None and not workspace_gb > 0:
         raise SeDeployError(f"--workspace {workspace_gb}: must be more than 0 GB")
     flags, cleared = [], []
@@ -163,8 +194,8 @@ def plan_build(onnx_path: str | Path, env: Environment, out: str | Path | None =
     if precision == "fp32":
         cleared.append("TF32")  # an FP32 engine should compute FP32 (TF32 rounds convolution inputs to 10 bits)
     return BuildPlan(
-        onnx=onnx_path, engine=engine, precision=precision, input_name=name, input_shape=dims, imgsz=tuple(size),
-        profile=batch_profile(onnx_path, dims[0], batch, min_batch, opt_batch, max_batch),
+        onnx=onnx_path, engine=engine, precision=precision, input_name=name, input_shape=dims, imgsz=size,
+        profile=batch_profile(onnx_path, dims[0], batch, min_batch, opt_batch, max_batch), size_profile=sizes,
         workspace_bytes=None if workspace_gb is None else int(workspace_gb * 2**30), dla_core=dla_core,
         timing_cache=Path(timing_cache) if timing_cache is not None else Path(directory) / timing_cache_name(env),
         flags=tuple(flags), cleared_flags=tuple(cleared),
@@ -181,14 +212,9 @@ def configure(trt, builder, config, plan: BuildPlan) -> None:
     """Apply ``plan`` to a TensorRT builder config: workspace, profile, DLA, flags."""
     if plan.workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
-    if plan.profile:
+    if plan.needs_profile:
         profile = builder.create_optimization_profile()
         profile.set_shape(plan.input_name, *plan.shapes())
-        config.add_optimization_profile(profile)
-    elif plan.input_shape[2] is None:  # static batch, dynamic size: pin the size
-        shape = (plan.input_shape[0], plan.input_shape[1] or 3, *plan.imgsz)
-        profile = builder.create_optimization_profile()
-        profile.set_shape(plan.input_name, shape, shape, shape)
         config.add_optimization_profile(profile)
     if plan.dla_core is not None:
         config.default_device_type = trt.DeviceType.DLA
@@ -291,6 +317,7 @@ def run_build(plan: BuildPlan, env: Environment, on_phase: OnPhase | None = None
         manifest = make_manifest(
             env, engine_sha256=sha256_file(tmp), precision=plan.precision, inputs=inputs, outputs=outputs,
             batch_profile=plan.profile.to_dict() if plan.profile else None,
+            size_profile=[list(hw) for hw in plan.size_profile] if plan.size_profile else None,
             names=meta.names or {i: f"class{i}" for i in range(nc)}, stride=meta.stride or 32, imgsz=plan.imgsz,
             source_onnx=plan.onnx, source_sha256=sha256_file(plan.onnx),
             build={"strongly_typed": True, "flags": list(plan.flags), "cleared_flags": list(plan.cleared_flags),
@@ -335,27 +362,30 @@ def source_for(model: Path, want: str, *, calib=None, calib_size: int = 512, cal
 def build_engine(model: str | Path | None = None, out: str | Path | None = None, *, precision: str | None = None,
                  calib: str | Path | None = None, calib_size: int = 512, calib_method: str = DEFAULT_CALIB_METHOD,
                  batch: int | None = None, min_batch: int | None = None, opt_batch: int | None = None,
-                 max_batch: int | None = None, imgsz: int | None = None, workspace_gb: float | None = None,
-                 dla_core: int | None = None, timing_cache: str | Path | None = None, device: int = 0,
+                 max_batch: int | None = None, imgsz: Size | None = None, min_imgsz: Size | None = None,
+                 max_imgsz: Size | None = None, workspace_gb: float | None = None, dla_core: int | None = None,
+                 timing_cache: str | Path | None = None, device: int = 0,
                  directory: str | Path = ENGINES_DIR, on_phase: OnPhase | None = None,
                  quantize_progress=None) -> BuildResult:
     """``se-deploy build-trt``: an engine for this GPU from ``model`` (default: the newest FP32 ONNX).
 
     ``precision`` 'fp16'/'int8' builds that version of an FP32 model, quantizing it first if needed
-    (INT8 with ``calib``). TensorRT, cuda-python, the GPU and the options are checked before any
-    slow step.
+    (INT8 with ``calib``). The model file, then TensorRT, cuda-python, the GPU and the options are
+    checked before any slow step.
     """
-    env = current_environment(device)
-    cudart = require_cudart()
-    cuda_call(cudart, cudart.cudaSetDevice(device), "cudaSetDevice")
     model = Path(model) if model is not None else newest_fp32_onnx(directory)
     if model.suffix.lower() != ".onnx":
         raise SeDeployError(f"{model}: build-trt takes an ONNX model (export a checkpoint with `se-deploy export`)")
+    load_onnx(model)  # a missing or unreadable file is named before TensorRT or the GPU
     want = (precision or onnx_precision(model)).lower()
     if want not in ("fp32", *PRECISIONS):
         raise SeDeployError(f"precision {want}: expected fp32, fp16 or int8")
+    env = current_environment(device)
+    cudart = require_cudart()
+    cuda_call(cudart, cudart.cudaSetDevice(device), "cudaSetDevice")
     options = dict(batch=batch, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, imgsz=imgsz,
-                   workspace_gb=workspace_gb, dla_core=dla_core, timing_cache=timing_cache, directory=directory)
+                   min_imgsz=min_imgsz, max_imgsz=max_imgsz, workspace_gb=workspace_gb, dla_core=dla_core,
+                   timing_cache=timing_cache, directory=directory)
     plan_build(model, env, out, precision=want, **options)  # bad options fail here, before quantizing
     source, quantized = source_for(model, want, calib=calib, calib_size=calib_size, calib_method=calib_method,
                                    directory=directory, progress=quantize_progress)
