@@ -3,3 +3,7 @@
 
 class SeDeployError(Exception):
     """A user-facing failure: bad input, missing dependency, mismatch. The message is one line."""
+
+
+class ModelServerLostError(SeDeployError):
+    """A model server (Triton) that was serving stopped answering mid-run; a run ends like a lost stream."""

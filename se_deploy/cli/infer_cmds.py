@@ -12,11 +12,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from se_deploy.cli import app
+from se_deploy.cli import EXIT_ERROR, app
 from se_deploy.errors import SeDeployError
 
 EXIT_INTERRUPTED = 130
-ModelOpt = typer.Option(None, "--model", "-m", help="Model file (.engine, .onnx, .pt); default: newest in engines/",
+ModelOpt = typer.Option(None, "--model", "-m", help="Model file (.engine, .onnx, .pt) or Triton model "
+                        "(grpc://HOST:PORT/NAME, http://HOST:PORT/NAME); default: newest in engines/",
                         show_default=False)
 DeviceOpt = typer.Option(None, "--device", help="ONNX Runtime: tensorrt, cuda or cpu; PyTorch: cpu or cuda[:N]",
                          show_default=False)
@@ -52,7 +53,7 @@ def parse_classes(values: list[str] | None) -> list[int] | None:
     return [int(item) for item in items]
 
 
-def resolve_model(model: Path | None, console: Console) -> Path:
+def resolve_model(model: str | None, console: Console) -> str | Path:
     """--model, or the newest artifact in engines/ (saying which and why)."""
     if model is not None:
         return model
@@ -92,7 +93,7 @@ def summary_table(summary: dict) -> Table:
 @app.command()
 def infer(
     source: str = typer.Argument(..., help="Video file, image, folder or glob of images, camera index, RTSP/HTTP URL"),
-    model: Path = ModelOpt,
+    model: str = ModelOpt,
     out: Path = typer.Option(Path("runs/infer"), "--out", "-o", help="Output folder"),
     imgsz: str = ImgszOpt,
     rect: bool = typer.Option(True, "--rect/--no-rect",
@@ -114,7 +115,7 @@ def infer(
     """Detect objects in a video, images or a stream; write the annotated video/images and detections.jsonl."""
     from se_deploy.runners import load_runner
     from se_deploy.inference.sources import open_source
-    from se_deploy.inference.video_pipeline import InferSettings
+    from se_deploy.inference.video_pipeline import SERVER_LOST, InferSettings
 
     console = Console(stderr=True)
     settings = InferSettings(parse_imgsz(imgsz), rect, conf, iou, parse_classes(classes), max_det, batch, not no_video,
@@ -128,12 +129,15 @@ def infer(
     if result["stop_reason"] == "interrupted":
         console.print(f"interrupted: kept the {result['frames']} frames written")
         raise typer.Exit(EXIT_INTERRUPTED)
+    if result["stop_reason"].startswith(SERVER_LOST):
+        console.print(f"error: {result['stop_reason']}; kept the {result['frames']} frames written", soft_wrap=True)
+        raise typer.Exit(EXIT_ERROR)
 
 
 @app.command()
 def bench(
-    model: list[Path] = typer.Option(None, "--model", "-m", show_default=False,
-                                     help="Model file(s); default: the newest of each kind in engines/"),
+    model: list[str] = typer.Option(None, "--model", "-m", show_default=False,
+                                    help="Model file(s) or Triton model URL(s); default: the newest of each kind in engines/"),
     batch: int = typer.Option(1, "--batch", help="Images per inference call"),
     iters: int = typer.Option(100, "--iters", help="Timed iterations"),
     warmup: int = typer.Option(10, "--warmup", help="Untimed iterations first"),
@@ -151,7 +155,7 @@ def bench(
     results = []
     for path in paths:
         with load_runner(path, device=device) as runner, Progress(console=console, transient=True) as progress:
-            task = progress.add_task(f"{runner.backend} {path.name}", total=iters)
+            task = progress.add_task(f"{runner.backend} {runner.path.name}", total=iters)
             results.append(benchmark(runner, batch, iters, warmup, parse_imgsz(imgsz),
                                      on_iter=lambda i: progress.update(task, completed=i)))
     if as_json:

@@ -1,4 +1,5 @@
-"""Runners by model file: .pt (PyTorch), .onnx (ONNX Runtime), .engine/.plan (TensorRT)."""
+"""Runners by model: .pt (PyTorch), .onnx (ONNX Runtime), .engine/.plan (TensorRT) files, or a model a Triton
+server serves (grpc://HOST:PORT/NAME, http://HOST:PORT/NAME)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,17 @@ from pathlib import Path
 
 from se_deploy.errors import SeDeployError
 from se_deploy.runners.base import Runner
+from se_deploy.runners.triton_runner import is_model_url
 
 MODEL_SUFFIXES = (".pt", ".onnx", ".engine", ".plan")
 
 
 def load_runner(path: str | Path, device: str | None = None, **options) -> Runner:
-    """A (not yet activated) runner for ``path``, chosen by its suffix."""
+    """A (not yet activated) runner for ``path``, chosen by its suffix, or for the Triton model a URL names."""
+    if is_model_url(path):
+        from se_deploy.runners.triton_runner import TritonRunner
+
+        return TritonRunner(path, device=device, **options)
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in MODEL_SUFFIXES:
@@ -31,4 +37,4 @@ def load_runner(path: str | Path, device: str | None = None, **options) -> Runne
     return TensorRTRunner(path, device=device, **options)
 
 
-__all__ = ["MODEL_SUFFIXES", "Runner", "load_runner"]
+__all__ = ["MODEL_SUFFIXES", "Runner", "is_model_url", "load_runner"]
