@@ -12,13 +12,14 @@ import cv2
 import numpy as np
 import pytest
 from conftest import CLIP, FIXTURES, run_cli
-from triton_helpers import NAMES, fake_engine, free_ports
+from triton_helpers import NAMES, fake_engine
 
 from se_deploy.errors import SeDeployError
 from se_deploy.runners import load_runner
 from se_deploy.runners.triton_runner import ModelURL, TritonRunner, parse_model_url
 from se_deploy.serving import model_config as mc
 from se_deploy.serving.model_repository import PROCESSING_MODULES, read_repository, write_repository
+from se_deploy.serving.triton_server import free_ports
 
 STATIC_ONNX = FIXTURES / "onnx" / "upstream-export-320.onnx"  # batch fixed at 1
 
@@ -99,7 +100,7 @@ def test_triton_cli_json(dynamic_onnx, tmp_path):
     result = json.loads(r.stdout)
     assert [m["name"] for m in result["models"]] == ["shapes", "shapes_pre", "shapes_post", "shapes_e2e"]
     assert result["serve"] == f"se-deploy serve {tmp_path / 'repo'}"
-    assert result["python_packages"] == ["opencv-python-headless", "onnxruntime"]
+    assert result["python_packages"] == ["opencv-python-headless<4.12", "onnxruntime"]
     r = run_cli("triton", dynamic_onnx, "-o", tmp_path / "gpu")
     assert r.returncode == 0 and "docker run --gpus all" in r.stdout and "tritonserver" in r.stdout
 
@@ -185,5 +186,5 @@ def test_serve_sends_onnx_and_tensorrt_repositories_to_nvidias_container(dynamic
     write_repository(fake_engine(tmp_path), tmp_path / "repo", name="gpu_trt")
     r = run_cli("serve", tmp_path / "repo")
     _refused(r, "gpu_onnx (onnxruntime_onnx), gpu_trt (tensorrt_plan)", "docker run --gpus all",
-             "nvcr.io/nvidia/tritonserver:", "pip install opencv-python-headless")
+             "nvcr.io/nvidia/tritonserver:", "pip install 'opencv-python-headless<4.12' && exec tritonserver")
     _refused(run_cli("serve", tmp_path / "nothing"), "no such model repository")

@@ -19,13 +19,14 @@ import cv2
 import numpy as np
 import pytest
 from conftest import CHECKPOINT, CLIP, FIXTURES, REPO, run_cli
-from triton_helpers import SERVER_ENV, fake_engine, free_ports, running_server
+from triton_helpers import SERVER_ENV, fake_engine, running_server
 
 from se_deploy.artifacts import DEMO_IMAGES
 from se_deploy.errors import SeDeployError
 from se_deploy.inference.preprocess import Letterboxer, read_image
 from se_deploy.runners import load_runner
 from se_deploy.serving.model_repository import write_repository
+from se_deploy.serving.triton_server import free_ports
 
 IMAGES = sorted(DEMO_IMAGES.glob("*.jpg"))
 

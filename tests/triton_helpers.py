@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import socket
 from pathlib import Path
 
 from se_deploy.tensorrt import engine_manifest as em
@@ -35,19 +34,10 @@ def fake_engine(folder: Path, profile_max: int = 8, stale: bool = False) -> Path
     return engine
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct loopback ports nothing listens on (all held open until all are picked)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-
-
 @contextlib.contextmanager
 def running_server(repository: Path, log_path: Path, model_control: str = "none"):
     """A started tritonserver on ``repository`` (loopback, free ports), stopped with its models whatever happens."""
-    from se_deploy.serving.triton_server import TritonServer, find_environment
+    from se_deploy.serving.triton_server import TritonServer, find_environment, free_ports
 
     http, grpc, metrics = free_ports(3)
     with open(log_path, "w") as log:

@@ -239,9 +239,10 @@ def write_repository(model: str | Path, output: str | Path = DEFAULT_REPOSITORY,
 
 
 def python_packages(configs: dict) -> list[str]:
-    """The pip packages the repository's python-backend models import (numpy aside)."""
+    """The pip packages the repository's python-backend models import (numpy aside), as pip arguments. OpenCV
+    stays below 4.12, the last release that takes the numpy 1 the python backend of Triton 2.51 needs."""
     roles = {mc.parameters(c).get("role") for c in configs.values() if c.backend == "python"}
-    return (["opencv-python-headless"] if roles & {"preprocess", "postprocess"} else []) + (
+    return (["opencv-python-headless<4.12"] if roles & {"preprocess", "postprocess"} else []) + (
         ["onnxruntime"] if "detector" in roles else [])
 
 
@@ -250,6 +251,6 @@ def docker_command(repository: Path, configs: dict) -> str:
     serve = "tritonserver --model-repository=/models"
     packages = python_packages(configs)
     if packages:  # the container's Python has numpy; the python models need these too
-        serve = f"bash -c 'pip install {' '.join(packages)} && exec {serve}'"
-    return (f"docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 "
+        serve = f"bash -c \"pip install {' '.join(shlex.quote(p) for p in packages)} && exec {serve}\""
+    return (f"docker run --gpus all --rm --shm-size=1g -p 8000:8000 -p 8001:8001 -p 8002:8002 "
             f"-v {shlex.quote(str(Path(repository).resolve()))}:/models {TRITON_IMAGE} {serve}")

@@ -13,7 +13,9 @@ import contextlib
 import json
 import os
 import shutil
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -73,11 +75,10 @@ class ServerEnvironment:
             raise SeDeployError(f"{self.path}: its numpy is {self.numpy or 'missing'}; Triton 2.51's python backend "
                                 "needs numpy < 2 (with numpy 2 it answers with empty tensors): pip install 'numpy<2' "
                                 "there, or use an environment made with pip install 'se-deploy[triton]'")
-        missing = [p for p, present in (("opencv-python-headless", self.cv2), ("onnxruntime", self.onnxruntime))
-                   if p in python_packages(configs) and not present]
+        missing = [p for p in python_packages(configs) if not (self.cv2 if p.startswith("opencv") else self.onnxruntime)]
         if missing:
             raise SeDeployError(f"{self.path}: the repository's python models need {', '.join(missing)}, which this "
-                                f"environment lacks: {self.path}/bin/pip install {' '.join(missing)}")
+                                f"environment lacks: {self.path}/bin/pip install {' '.join(map(shlex.quote, missing))}")
 
 
 def find_environment(python_env: str | Path | None = None) -> ServerEnvironment:
@@ -100,6 +101,15 @@ def find_environment(python_env: str | Path | None = None) -> ServerEnvironment:
     if not env.tritonserver.is_file():
         raise SeDeployError(f"{env.pytriton}: nvidia-pytriton holds no tritonserver (a wheel for another platform?)")
     return env
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports nothing listens on at ``host`` (all held open until all are picked)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 class TritonServer:
