@@ -188,3 +188,21 @@ def test_serve_sends_onnx_and_tensorrt_repositories_to_nvidias_container(dynamic
     _refused(r, "gpu_onnx (onnxruntime_onnx), gpu_trt (tensorrt_plan)", "docker run --gpus all",
              "nvcr.io/nvidia/tritonserver:", "pip install 'opencv-python-headless<4.12' && exec tritonserver")
     _refused(run_cli("serve", tmp_path / "nothing"), "no such model repository")
+
+
+def test_server_environment_must_fit_the_python_models(dynamic_onnx, tmp_path):
+    from se_deploy.serving.triton_server import ServerEnvironment
+
+    write_repository(dynamic_onnx, tmp_path / "repo", name="shapes", cpu=True, e2e=True)
+    configs = read_repository(tmp_path / "repo")
+
+    def env(numpy="1.26.4", cv2=True, onnxruntime=True):
+        return ServerEnvironment(tmp_path / "env", "3.11", "", tmp_path / "pytriton", numpy, cv2, onnxruntime)
+
+    env().check(configs)
+    with pytest.raises(SeDeployError, match="its numpy is 2.1.0; Triton 2.51's python backend needs numpy < 2"):
+        env(numpy="2.1.0").check(configs)
+    with pytest.raises(SeDeployError, match=r"need opencv-python-headless<4\.12, onnxruntime, which"):
+        env(cv2=False, onnxruntime=False).check(configs)
+    gpu_only = {"m": mc.detector_config(mc.read_detector(dynamic_onnx), "m", 8, 1)}
+    env(numpy="2.1.0", cv2=False).check(gpu_only)  # no python model: nothing to require
