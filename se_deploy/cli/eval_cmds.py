@@ -37,7 +37,8 @@ def _warn_about_labels(result: dict) -> None:
 
 @app.command("val")
 def val(
-    model: str = typer.Option(..., "--model", help="Model: .pt, .onnx (FP32/FP16/INT8), .engine or a Triton model URL"),
+    model: str = typer.Option(..., "--model",
+                              help="Model: .pt, .onnx (FP32/FP16/INT8), .engine or a Triton model URL"),
     data: Path = DataOpt,
     imgsz: int = typer.Option(None, "--imgsz", help="Long side in px (default: the model's input size, else 640)"),
     batch: int = typer.Option(16, "--batch", help="Images per inference call"),

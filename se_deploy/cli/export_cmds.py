@@ -83,7 +83,8 @@ def export(
 
 @app.command()
 def check(
-    model: str = typer.Argument(..., help="Deployed model (.onnx, .engine, or grpc://HOST:PORT/NAME)", show_default=False),
+    model: str = typer.Argument(..., help="Deployed model (.onnx, .engine, or grpc://HOST:PORT/NAME)",
+                                show_default=False),
     weights: Path = typer.Option(..., "--weights", help="The checkpoint it was made from (.pt)", show_default=False),
     images: Path = typer.Option(None, "--images", help="Image folder or glob (default: the bundled images)"),
     precision: str = typer.Option(None, "--precision", help="Limits for fp32, fp16 or int8 (default: the model's)"),
