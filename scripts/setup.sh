@@ -47,3 +47,13 @@ else
   "${pip[@]}" -e ".[export,quantize,dev]"
 fi
 echo "setup: se-deploy installed in .venv (.venv/bin/se-deploy --help lists the commands)"
+
+# Triton Inference Server for `se-deploy serve` and the tests: se-deploy[triton] (nvidia-pytriton's
+# tritonserver, python backend only) in a venv of its own. Triton 2.51's python backend needs numpy < 2
+# (with numpy 2 its answers come back empty), while .venv's OpenCV needs numpy 2 (docs/triton.md).
+[ -x .venv-triton/bin/python ] || python3 -m venv .venv-triton
+.venv-triton/bin/python -m pip install -q --upgrade pip
+# The same ONNX Runtime as .venv's: a model served with --cpu then gives the very outputs of a local run.
+.venv/bin/python -m pip freeze | grep -i '^onnxruntime' > .venv-triton/constraints.txt || true
+.venv-triton/bin/python -m pip install -q -e ".[triton]" -c .venv-triton/constraints.txt
+echo "setup: Triton server environment in .venv-triton (se-deploy serve REPO --python-env .venv-triton)"

@@ -11,3 +11,7 @@ def first_line(error: BaseException | str, limit: int = 200) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = lines[0] if lines else type(error).__name__
     return text[:limit]
+
+
+class ModelServerLostError(SeDeployError):
+    """A model server (Triton) that was serving stopped answering mid-run; a run ends like a lost stream."""

@@ -52,3 +52,13 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
         [sys.executable, str(REPO / "cli.py"), *map(str, args)],
         capture_output=True, text=True, cwd=cwd or REPO, env={**os.environ, **(env or {})}, timeout=900,
     )
+
+
+@pytest.fixture(scope="session")
+def dynamic_onnx(tmp_path_factory) -> Path:
+    """The bundled checkpoint as a dynamic-batch ONNX at 320 px, exported once (the Triton tests serve it)."""
+    from se_deploy.export.onnx_export import export_onnx
+
+    path = tmp_path_factory.mktemp("dynamic") / "shapes.onnx"
+    export_onnx(CHECKPOINT, path, imgsz=320, dynamic=True, check=False)
+    return path

@@ -174,11 +174,47 @@ def test_compose_stream_job_runs_an_se_deploy_command_on_the_engines_volume(comp
     from se_deploy.cli import app
 
     commands = typer.main.get_command(app).commands
-    assert set(compose["services"]) == {"stream", "stream-jetson"}
-    for service in compose["services"].values():
+    assert set(compose["services"]) == {"stream", "stream-jetson", "stream-triton", "triton"}
+    for name, service in compose["services"].items():
+        if name == "triton":
+            continue
         assert service["command"][0] in commands
         assert "./engines:/workspace/engines" in service["volumes"]
         assert service["restart"] == "unless-stopped" and service["pull_policy"] == "never"
     gpu = compose["services"]["stream"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert compose["services"]["stream-jetson"]["runtime"] == "nvidia"
+
+
+def test_compose_triton_serves_the_repository_triton_writes_on_the_gpu(compose):
+    """The triton service: NVIDIA's server of the release whose TensorRT built the engines, the repository
+    `se-deploy triton` writes mounted where the server reads it, a health check on readiness; camera clients
+    reach it by the service's name on the gRPC port and start once it is healthy."""
+    from se_deploy.runners.triton_runner import parse_model_url
+    from se_deploy.serving.model_config import PARAMETER_PREFIX, config_pb2
+    from se_deploy.serving.model_repository import DEFAULT_REPOSITORY, TRITON_IMAGE, python_packages
+
+    triton = compose["services"]["triton"]
+    assert triton["image"] == TRITON_IMAGE
+    release = re.fullmatch(r"nvcr\.io/nvidia/tritonserver:(\d\d\.\d\d)-py3", triton["image"]).group(1)
+    assert arg_defaults()["BASE_IMAGE"] == f"nvcr.io/nvidia/tensorrt:{release}-py3"
+    mounts = dict(v.split(":")[:2] for v in triton["volumes"])
+    models = mounts[f"./{DEFAULT_REPOSITORY.as_posix()}"]
+    shell = triton["command"][-1]
+    assert f"exec tritonserver --model-repository={models}" in shell
+    e2e = {role: config_pb2().ModelConfig(name=role, backend="python") for role in ("preprocess", "postprocess")}
+    for role, config in e2e.items():
+        config.parameters[PARAMETER_PREFIX + "role"].string_value = role
+    for package in python_packages(e2e):  # what an --e2e repository's python models import
+        assert shlex.quote(package) in shell
+    assert sorted(triton["ports"]) == ["8000:8000", "8001:8001", "8002:8002"] and triton["shm_size"]
+    assert "localhost:8000/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
+    gpu = triton["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    client = compose["services"]["stream-triton"]
+    model = client["command"][client["command"].index("--model") + 1]
+    url = parse_model_url(model.replace("${SE_DEPLOY_TRITON_MODEL:-model}", "m"))
+    assert (url.scheme, url.host, url.port) == ("grpc", "triton", 8001)
+    assert client["depends_on"]["triton"]["condition"] == "service_healthy"
+    assert client["profiles"] == triton["profiles"] == ["triton"]
+

@@ -34,6 +34,7 @@ from se_deploy.cli import export_cmds  # noqa: E402,F401  export, check
 from se_deploy.cli import trt_cmds  # noqa: E402,F401  quantize, build-trt
 from se_deploy.cli import infer_cmds  # noqa: E402,F401  infer, bench, demo
 from se_deploy.cli import eval_cmds  # noqa: E402,F401  val, report
+from se_deploy.cli import serving_cmds  # noqa: E402,F401  triton, serve
 
 
 def _one_line(message: str) -> str:

@@ -46,7 +46,8 @@ def _warn_about_labels(result: dict) -> None:
 
 @app.command("val")
 def val(
-    model: str = model_option("Model: .pt, .onnx (FP32/FP16/INT8) or .engine [default: the newest in engines/]"),
+    model: str = model_option("Model: .pt, .onnx (FP32/FP16/INT8), .engine or a Triton model URL "
+                              "[default: the newest in engines/]"),
     data: Path = DataOpt,
     imgsz: str = imgsz_option("Long side in px [default: the model's input size, else 640]"),
     batch: int = batch_option(16),

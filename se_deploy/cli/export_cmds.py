@@ -86,7 +86,7 @@ def export(
 
 @app.command()
 def check(
-    model: str = model_option("Deployed model (.onnx, .engine) [default: the newest in engines/]"),
+    model: str = model_option("Deployed model (.onnx, .engine) or Triton model URL [default: the newest in engines/]"),
     weights: Path = typer.Option(..., "--weights", "-w", help="The checkpoint it was made from (.pt)",
                                  show_default=False),
     images: Path = typer.Option(None, "--images", help="Image folder or glob [default: the bundled images]",

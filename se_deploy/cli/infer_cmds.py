@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from se_deploy.cli import app
+from se_deploy.cli import EXIT_ERROR, app
 from se_deploy.cli.options import (
     ConfOpt,
     DeviceOpt,
@@ -26,7 +26,8 @@ from se_deploy.cli.options import (
 from se_deploy.errors import SeDeployError
 
 EXIT_INTERRUPTED = 130
-ModelOpt = model_option("Model file (.engine, .onnx, .pt) [default: the newest in engines/]")
+ModelOpt = model_option("Model file (.engine, .onnx, .pt) or Triton model (grpc://HOST:PORT/NAME, "
+                        "http://HOST:PORT/NAME) [default: the newest in engines/]")
 ImgszOpt = imgsz_option("Letterbox size: H or H,W (models with a fixed size need none) [default: 640]")
 
 
@@ -74,7 +75,7 @@ def summary_table(summary: dict) -> Table:
 @app.command()
 def infer(
     source: str = typer.Argument(..., help="Video file, image, folder or glob of images, camera index, RTSP/HTTP URL"),
-    model: Path = ModelOpt,
+    model: str = ModelOpt,
     out: Path = typer.Option(Path("runs/infer"), "--out", "-o", help="Output folder"),
     imgsz: str = ImgszOpt,
     rect: bool = typer.Option(True, "--rect/--no-rect",
@@ -96,7 +97,7 @@ def infer(
 ) -> None:
     """Detect objects in a video, images or a stream; write the annotated video/images and detections.jsonl."""
     from se_deploy.inference.sources import open_source
-    from se_deploy.inference.video_pipeline import InferSettings
+    from se_deploy.inference.video_pipeline import SERVER_LOST, InferSettings
     from se_deploy.model_select import resolve_model
     from se_deploy.runners import load_runner
 
@@ -113,12 +114,16 @@ def infer(
     if result["stop_reason"] == "interrupted":
         console.print(f"interrupted: kept the {result['frames']} frames written")
         raise typer.Exit(EXIT_INTERRUPTED)
+    if result["stop_reason"].startswith(SERVER_LOST):
+        console.print(f"error: {result['stop_reason']}; kept the {result['frames']} frames written", soft_wrap=True)
+        raise typer.Exit(EXIT_ERROR)
 
 
 @app.command()
 def bench(
-    model: list[Path] = typer.Option(None, "--model", "-m", show_default=False,
-                                     help="Model file(s); default: the newest of each kind in engines/"),
+    model: list[str] = typer.Option(None, "--model", "-m", show_default=False,
+                                    help="Model file(s) or Triton model URL(s) [default: the newest of each kind "
+                                         "in engines/]"),
     batch: int = batch_option(1),
     iters: int = typer.Option(100, "--iters", min=1, help="Timed iterations"),
     warmup: int = typer.Option(10, "--warmup", min=0, help="Untimed iterations first"),
@@ -136,7 +141,7 @@ def bench(
     results = []
     for path in paths:
         with load_runner(path, device=device) as runner, Progress(console=console, transient=True) as progress:
-            task = progress.add_task(f"{runner.backend} {path.name}", total=iters)
+            task = progress.add_task(f"{runner.backend} {runner.path.name}", total=iters)
             results.append(benchmark(runner, batch, iters, warmup, imgsz,
                                      on_iter=lambda i: progress.update(task, completed=i)))
     if as_json:

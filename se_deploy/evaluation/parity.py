@@ -167,21 +167,23 @@ def run_parity_check(
     cfg: str | Path | None = None,
     trust: bool = False,
 ) -> ParityReport:
-    """Compare ``model_path`` (.onnx/.engine) with the checkpoint ``weights`` on ``images`` (default: bundled).
+    """Compare ``model_path`` (.onnx/.engine, or a Triton model's URL) with the checkpoint ``weights`` on ``images``
+    (default: bundled).
 
     An ONNX model runs on ONNX Runtime's CPU provider unless ``device`` names another.
     """
     from se_deploy.artifacts import DEMO_IMAGES
     from se_deploy.inference.preprocess import image_paths
-    from se_deploy.runners import load_runner
+    from se_deploy.runners import is_model_url, load_runner
 
-    model_path, weights = Path(model_path), Path(weights)
-    if model_path.suffix.lower() == ".pt":
+    weights = Path(weights)
+    suffix = "" if is_model_url(model_path) else Path(model_path).suffix.lower()  # a Triton URL stays a string
+    if suffix == ".pt":
         raise SeDeployError(f"{model_path}: give the exported model (.onnx, .engine) to check, not a checkpoint")
     if precision is not None and precision.lower() not in THRESHOLDS:
         raise SeDeployError(f"--precision {precision}: expected one of {', '.join(THRESHOLDS)}")
     files = image_paths(images if images is not None else DEMO_IMAGES)
-    if device is None and model_path.suffix.lower() == ".onnx":
+    if device is None and suffix == ".onnx":
         device = "cpu"  # judge the graph, not a GPU provider's TF32 or kernel choices
     from se_deploy.runners.torch_runner import TorchRunner
 
@@ -192,7 +194,7 @@ def run_parity_check(
     with load_runner(model_path, device=device) as runner, reference:
         if runner.nc and runner.nc != reference.nc:
             raise SeDeployError(
-                f"{model_path.name} has {runner.nc} classes but {weights.name} has {reference.nc}; "
+                f"{runner.path.name} has {runner.nc} classes but {weights.name} has {reference.nc}; "
                 "this model was not exported from these weights"
             )
         report = compare_runners(runner, reference, files, (precision or runner.precision).lower(),

@@ -30,7 +30,7 @@ import numpy as np
 
 from se_deploy.inference.annotate import Annotator
 from se_deploy.artifacts import atomic_output
-from se_deploy.errors import SeDeployError
+from se_deploy.errors import ModelServerLostError, SeDeployError
 from se_deploy.inference.postprocess import non_max_suppression, scale_boxes
 from se_deploy.inference.preprocess import LetterboxInfo, Letterboxer, letterbox_geometry
 from se_deploy.runners.base import Runner
@@ -42,6 +42,7 @@ QUEUE_DEPTH = 2  # batches waiting between two stages
 DEFAULT_IMGSZ = 640  # letterbox target for models that accept any input size (detect.py's default)
 DEFAULT_FPS = 30.0  # output frame rate when a stream does not report one
 _DONE = object()  # end-of-stream marker passed down the queues
+SERVER_LOST = "model server lost"  # how stop_reason starts when a served model stopped answering mid-run
 _POLL_S = 0.1  # how often a blocked stage looks at the stop flag
 # How far the helper stages' threads step back (nice) when inference runs on the CPU: they then run in
 # the moments inference leaves a core idle instead of stalling it (benchmarks/video_throughput.py).
@@ -74,7 +75,7 @@ class InferResult:
     fps: float
     stages_ms: dict[str, float]
     outputs: dict[str, str]
-    stop_reason: str  # 'end', 'interrupted', or why a live source ended
+    stop_reason: str  # 'end', 'interrupted', why a live source ended, or SERVER_LOST + why
     model: str
     source: str
     input_hw: list[int] | None
@@ -461,14 +462,15 @@ def run_inference(runner: Runner, source: Source, out_dir: str | Path, settings:
         pipeline = Pipeline(runner, source, shaper, writer, settings, on_frame)
         with _ctrl_c_stops(pipeline):
             seconds = pipeline.run()
-        if pipeline.errors:
+        lost = next((e for e in pipeline.errors if isinstance(e, ModelServerLostError)), None)
+        if pipeline.errors and not (lost and pipeline.written):  # a lost server ends the run like a lost stream
             raise pipeline.errors[0]
         if not pipeline.written:
             if pipeline.interrupted:
                 raise KeyboardInterrupt
             raise SeDeployError(f"{source.name}: no frame could be decoded ({source.skipped} unreadable)")
     frames = pipeline.written
-    stop_reason = "interrupted" if pipeline.interrupted else source.stop_reason
+    stop_reason = "interrupted" if pipeline.interrupted else f"{SERVER_LOST}: {lost}" if lost else source.stop_reason
     first_hw = (source.size[1], source.size[0]) if source.size else None
     input_hw = shaper.input_hw(first_hw) if first_hw else runner.imgsz  # images: None when it varies
     return InferResult(

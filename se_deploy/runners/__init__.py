@@ -1,4 +1,5 @@
-"""Runners by model file: .pt (PyTorch), .onnx (ONNX Runtime), .engine/.plan (TensorRT)."""
+"""Runners by model: .pt (PyTorch), .onnx (ONNX Runtime), .engine/.plan (TensorRT) files, or a model a Triton
+server serves (grpc://HOST:PORT/NAME, http://HOST:PORT/NAME)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,22 @@ from pathlib import Path
 
 from se_deploy.errors import SeDeployError
 from se_deploy.runners.base import Runner
+from se_deploy.runners.triton_runner import is_model_url
 
 MODEL_SUFFIXES = (".pt", ".onnx", ".engine", ".plan")
 
 
 def load_runner(path: str | Path, device: str | None = None, *, cfg: str | Path | None = None,
                 trust: bool = False) -> Runner:
-    """A (not yet activated) runner for ``path``, chosen by its suffix; ``cfg``/``trust`` are for checkpoints."""
+    """A (not yet activated) runner for a model file, chosen by its suffix, or for the Triton model a URL
+    names; ``cfg``/``trust`` are for .pt checkpoints."""
+    url = is_model_url(path)
+    if (cfg is not None or trust) and (url or Path(path).suffix.lower() != ".pt"):
+        raise SeDeployError(f"{path}: --cfg and --trust-checkpoint apply to .pt checkpoints only")
+    if url:
+        from se_deploy.runners.triton_runner import TritonRunner
+
+        return TritonRunner(path, device=device)
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in MODEL_SUFFIXES:
@@ -23,8 +33,6 @@ def load_runner(path: str | Path, device: str | None = None, *, cfg: str | Path 
         from se_deploy.runners.torch_runner import TorchRunner
 
         return TorchRunner(path, device=device, cfg=cfg, trust=trust)
-    if cfg is not None or trust:
-        raise SeDeployError(f"{path}: --cfg and --trust-checkpoint apply to .pt checkpoints only")
     if suffix == ".onnx":
         from se_deploy.runners.onnxruntime_runner import OnnxRuntimeRunner
 
@@ -34,4 +42,4 @@ def load_runner(path: str | Path, device: str | None = None, *, cfg: str | Path 
     return TensorRTRunner(path, device=device)
 
 
-__all__ = ["MODEL_SUFFIXES", "Runner", "load_runner"]
+__all__ = ["MODEL_SUFFIXES", "Runner", "is_model_url", "load_runner"]

@@ -1,0 +1,1 @@
+"""Serving on NVIDIA Triton Inference Server: model configs, the model repository, a local tritonserver."""
