@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from se_deploy.errors import ModelServerLostError, SeDeployError
+from se_deploy.errors import ModelServerLostError, SeDeployError, first_line
 from se_deploy.runners.base import Runner
 
 SCHEMES = ("grpc", "http")
@@ -67,7 +67,7 @@ def _client_module(scheme: str):
 
 def _reason(error: BaseException) -> str:
     text = error.message() if hasattr(error, "message") and callable(error.message) else str(error)
-    return (str(text).strip().splitlines() or [type(error).__name__])[0][:200]
+    return first_line(text)
 
 
 class TritonRunner(Runner):
