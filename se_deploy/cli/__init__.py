@@ -10,6 +10,7 @@ import sys
 
 import typer
 
+from se_deploy.cli.signals import EXIT_TERMINATED, Terminated, raise_on_sigterm
 from se_deploy.errors import SeDeployError
 
 app = typer.Typer(
@@ -39,6 +40,7 @@ from se_deploy.cli import eval_cmds  # noqa: E402,F401  val, report
 
 def main() -> None:
     """Entry point of the console script and of ``python cli.py``."""
+    raise_on_sigterm()
     try:
         app()  # standalone: Typer itself answers usage errors and exits with the command's code
     except SeDeployError as e:
@@ -47,3 +49,6 @@ def main() -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        sys.exit(EXIT_TERMINATED)
