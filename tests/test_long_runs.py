@@ -192,6 +192,7 @@ def test_ctrl_c_while_opencv_blocks_in_a_reconnect_keeps_what_was_written(fixtur
         sent = signal_when(lambda: len(written) == 8 and camera.connections == 2)  # OpenCV waits up to 10 s
         result = run_inference(runner, source, tmp_path, InferSettings(), on_frame=written.append)
         assert time.monotonic() - sent[0] < 3
+    camera.close()  # the open still blocked holds OpenCV's FFmpeg lock, which reading the video below needs
     assert (result.frames, result.stop_reason) == (8, "interrupted")
     assert len(read_jsonl(tmp_path / "detections.jsonl")) == video_facts(Path(result.outputs["video"]))[0] == 8
     assert no_partial_files(tmp_path)

@@ -201,7 +201,7 @@ class MediaWriter:
     """Writes each finished frame: a detections.jsonl line, and the annotated frame to a video or image."""
 
     def __init__(self, names: dict[int, str], jsonl_path: Path, video_path: Path | None, image_dir: Path | None,
-                 fps: float, codec: str):
+                 fps: float, codec: str, size_wh: tuple[int, int] | None):
         self.names = names
         self._jsonl = open(jsonl_path, "w", encoding="utf-8", buffering=1)  # line-buffered: tail -f works
         self._video_path = video_path
@@ -210,6 +210,8 @@ class MediaWriter:
         self._codec = codec
         self._video: VideoWriter | None = None
         self._annotator: Annotator | None = None
+        if video_path and size_wh:  # opened before decoding starts: OpenCV holds one lock while any FFmpeg
+            self._open_video(size_wh)  # open runs, and a stream's reconnect may wait 10 s in one
 
     def _annotate(self, image: np.ndarray, dets: np.ndarray) -> None:
         hw = image.shape[:2]
@@ -222,9 +224,8 @@ class MediaWriter:
         if self._video_path or self._image_dir:
             self._annotate(frame.image, dets)
         if self._video_path:
-            if self._video is None:
-                h, w = frame.image.shape[:2]
-                self._video = VideoWriter(self._video_path, self._codec, self._fps, (w, h))
+            if self._video is None:  # a source that did not say its frame size
+                self._open_video((frame.image.shape[1], frame.image.shape[0]))
             self._video.write(frame.image)
         elif self._image_dir:
             target = self._image_dir / Path(frame.name).name
@@ -234,6 +235,9 @@ class MediaWriter:
                 if not cv2.imwrite(str(tmp), frame.image):
                     raise SeDeployError(f"{target}: OpenCV cannot write this image")
         self._jsonl.write(json.dumps(record) + "\n")
+
+    def _open_video(self, size_wh: tuple[int, int]) -> None:
+        self._video = VideoWriter(self._video_path, self._codec, self._fps, size_wh)
 
     def close(self) -> None:
         if self._video is not None:
@@ -461,7 +465,7 @@ def _write_outputs(runner: Runner, source: Source, shaper: InputShaper, out_dir:
             video_tmp = stack.enter_context(atomic_output(video_path))
             outputs["video"] = str(video_path)
         writer = MediaWriter(runner.names, jsonl_tmp, video_tmp, image_dir, source.fps or DEFAULT_FPS,
-                             settings.video_codec)
+                             settings.video_codec, source.size)
         stack.callback(writer.close)  # closed before the temporary files are renamed
         pipeline = Pipeline(runner, source, shaper, writer, settings, on_frame)
         with _stop_signals(pipeline):
