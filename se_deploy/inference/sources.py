@@ -145,13 +145,15 @@ class CaptureSource(Source):
         with self._lock:
             cap, self._reading = self.cap, True
         try:
-            start = time.perf_counter()
-            ok, image = (cap.read(buffer) if buffer is not None else cap.read()) if cap is not None else (False, None)
-            self.decode_seconds += time.perf_counter() - start
+            ok, image = False, None
+            if cap is not None:
+                start = time.perf_counter()
+                ok, image = cap.read(buffer) if buffer is not None else cap.read()
+                self.decode_seconds += time.perf_counter() - start
         finally:
             with self._lock:
                 self._reading = False
-                closed_meanwhile = self._closed and self.cap is not None
+                closed_meanwhile = self._closed
             if closed_meanwhile:
                 self._set_capture(None)
         if not ok or image is None or image.ndim != 3:
@@ -267,6 +269,8 @@ class LiveSource(CaptureSource):
         return re.sub(r"[^A-Za-z0-9._-]+", "_", self.name.split("://", 1)[-1]).strip("_") or "stream"
 
     def _first_open(self):
+        if self.kind == "camera":  # opens at once; some platforms want cameras opened in the main thread
+            return self._open()
         return _open_in_helper_thread(self._open)
 
     def _reopen(self, position: int):
