@@ -315,7 +315,7 @@ class LiveSource(CaptureSource):
                 self.stop_reason = "end"
                 return
             if reconnects == self.retries:
-                self.stop_reason = f"{self.kind} lost (no new frame after {self.retries} reconnects)"
+                self.stop_reason = f"{self.kind} lost: no new frame after {self.retries} reconnects"
                 return
             reconnects, unusable = reconnects + 1, 0
             self._set_capture(None)
