@@ -33,7 +33,7 @@ def rss_mib(pid: int) -> float | None:
 
 def measure(clip: str, model: str, extra: list[str]) -> None:
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, str(REPO / "cli.py"), "infer", clip, "--model", model, "--out", out, *extra]
+        cmd = [sys.executable, str(REPO / "cli.py"), "infer", clip, "--model", model, "--out-dir", out, *extra]
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         samples = []

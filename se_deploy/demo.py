@@ -2,7 +2,7 @@
 
 The ONNX (and the engine, when TensorRT is usable) go to the artifact workspace (default engines/), so
 ``se-deploy build-trt`` and ``se-deploy infer`` pick them up afterwards; the annotated clip and its
-detections go to ``runs/demo/infer``.
+detections go to ``out_dir`` (the CLI gives each run its own: ``runs/demo``, ``runs/demo2``, ...).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def run_demo(out_dir: str | Path = DEMO_DIR, imgsz: int = DEMO_IMGSZ, tensorrt: 
 
     say(f"infer: {DEMO_VIDEO.name} with {model.name}")
     with load_runner(model) as runner, open_source(str(DEMO_VIDEO)) as source:
-        report.infer = run_inference(runner, source, out_dir / "infer", InferSettings(), on_frame=on_frame)
+        report.infer = run_inference(runner, source, out_dir, InferSettings(), on_frame=on_frame)
     return report
 
 

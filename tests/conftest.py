@@ -44,13 +44,13 @@ def fixture_model(fixtures):
     return load_checkpoint(CHECKPOINT)
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 900):
     """Run ``python cli.py ARGS`` in a subprocess; return the CompletedProcess."""
     import subprocess
 
     return subprocess.run(
         [sys.executable, str(REPO / "cli.py"), *map(str, args)],
-        capture_output=True, text=True, cwd=cwd or REPO, env={**os.environ, **(env or {})}, timeout=900,
+        capture_output=True, text=True, cwd=cwd or REPO, env={**os.environ, **(env or {})}, timeout=timeout,
     )
 
 

@@ -20,7 +20,7 @@ def test_demo_with_no_arguments_runs_the_chain_and_says_where(tmp_path):
     assert proc.returncode == 0, proc.stderr
     demo = tmp_path / "runs" / "demo"
     onnx = tmp_path / "engines" / "se-yolov5n-shapes.onnx"  # the workspace, where build-trt and infer look
-    video, jsonl = demo / "infer" / "synth_shapes_60f.avi", demo / "infer" / "detections.jsonl"
+    video, jsonl = demo / "synth_shapes_60f.avi", demo / "detections.jsonl"
     assert onnx.is_file() and video.is_file() and jsonl.is_file()
     out = " ".join(proc.stdout.split())  # the table may wrap long paths
     assert "PASS" in out and "runs/demo" in out and "synth_shapes_60f.avi" in out

@@ -1,5 +1,5 @@
 """`se-deploy infer`: detections match PyTorch and YOLOv5's detect.py; outputs are complete and playable;
-bad input is refused in one line; Ctrl-C and lost streams keep what was written; no torch on the ONNX path."""
+bad input is refused in one line; Ctrl-C, SIGTERM and lost streams keep what was written; no torch on the ONNX path."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def run_library(model: Path, source: str, out: Path, **settings):
 def onnx_clip_run(fixtures, tmp_path_factory):
     """`se-deploy infer CLIP --model upstream.onnx --json`: (process, output folder, summary)."""
     out = tmp_path_factory.mktemp("onnx_clip")
-    proc = run_cli("infer", CLIP, "--model", UPSTREAM_ONNX, "--out", out, "--json")
+    proc = run_cli("infer", CLIP, "--model", UPSTREAM_ONNX, "--out-dir", out, "--json")
     assert proc.returncode == 0, proc.stderr
     return proc, out, json.loads(proc.stdout)
 
@@ -194,7 +194,7 @@ def test_images_glob_through_onnx_without_torch(fixtures, tmp_path):
     source = FIXTURES / "dataset" / "images" / "val" / "val_00000[0-4].jpg"
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH_AND_RUN, "infer", str(source), "--model",
-                           str(UPSTREAM_ONNX), "--out", str(out), "--json"],
+                           str(UPSTREAM_ONNX), "--out-dir", str(out), "--json"],
                           capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "torch never imported" in proc.stderr
@@ -265,7 +265,7 @@ def test_without_model_the_newest_artifact_is_used_and_named(fixtures, tmp_path)
     shutil.copy(CHECKPOINT, tmp_path / "engines" / "old.pt")
     shutil.copy(UPSTREAM_ONNX, tmp_path / "engines" / "model.onnx")
     image = FIXTURES / "dataset" / "images" / "val" / "val_000000.jpg"
-    proc = run_cli("infer", image, "--out", tmp_path / "out", "--no-video", cwd=tmp_path)
+    proc = run_cli("infer", image, "--out-dir", tmp_path / "out", "--no-video", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "engines/model.onnx" in proc.stderr and "newest ONNX model" in proc.stderr
     assert (tmp_path / "out" / "detections.jsonl").is_file()
@@ -288,7 +288,7 @@ def test_bad_input_is_one_line_error_and_writes_nothing(fixtures, tmp_path, case
     extra = {"imgsz": ["--imgsz", "640"], "batch": ["--batch", "0"], "helper-nice": ["--helper-nice", "-1"],
              "video-codec": ["--video-codec", "h264"]}.get(case, [])
     out = tmp_path / "out"
-    proc = run_cli("infer", video, "--model", model, "--out", out, *extra)
+    proc = run_cli("infer", video, "--model", model, "--out-dir", out, *extra)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
@@ -337,10 +337,12 @@ def long_clip(fixtures, tmp_path):
     return path
 
 
-def test_ctrl_c_keeps_a_playable_video_and_complete_jsonl(long_clip, tmp_path):
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"),  # Ctrl-C
+                                                (signal.SIGTERM, 143, "terminated")])  # docker stop
+def test_stop_signal_keeps_a_playable_video_and_complete_jsonl(long_clip, tmp_path, signum, code, word):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "infer", str(long_clip), "--model",
-                             str(UPSTREAM_ONNX), "--out", str(out)],
+                             str(UPSTREAM_ONNX), "--out-dir", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -348,10 +350,11 @@ def test_ctrl_c_keeps_a_playable_video_and_complete_jsonl(long_clip, tmp_path):
         if partial and len(partial[0].read_text().splitlines()) >= 5:
             break
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert proc.returncode == code, stderr
+    assert f"{word}: kept the" in stderr and "Traceback" not in stderr
+    assert word in stdout  # the summary's "stopped by"
     records = read_jsonl(out / "detections.jsonl")  # every line complete
     assert 5 <= len(records) < 420
     assert [r["frame"] for r in records] == list(range(len(records)))

@@ -108,16 +108,19 @@ class MjpegCamera:
     """An HTTP MJPEG camera on localhost that sends ``bursts[i]`` frames on the i-th connection, then drops
     the connection (or, with ``stall``, keeps it open and sends nothing more).
 
-    After the last burst it answers 503, like a camera that went away.
+    After the last burst it answers 503, like a camera that went away, or with ``hang_after`` it takes
+    the connection and never answers. ``garbage`` sends noise where the JPEGs should be.
     """
 
-    def __init__(self, bursts, stall=False):
+    def __init__(self, bursts, stall=False, hang_after=False, garbage=False):
         cap = cv2.VideoCapture(str(CLIP))
         self.jpegs = []
+        noise = np.random.default_rng(0)
         while len(self.jpegs) < sum(bursts):
             ok, frame = cap.read()
             assert ok
-            self.jpegs.append(cv2.imencode(".jpg", frame)[1].tobytes())
+            jpg = cv2.imencode(".jpg", frame)[1].tobytes()
+            self.jpegs.append(noise.integers(0, 256, len(jpg), np.uint8).tobytes() if garbage else jpg)
         self.bursts = list(bursts)
         self.connections = 0
         self.closing = threading.Event()
@@ -128,18 +131,24 @@ class MjpegCamera:
                 burst = camera.connections
                 camera.connections += 1
                 if burst >= len(camera.bursts):
-                    self.send_error(503)
+                    if hang_after:
+                        camera.closing.wait(30)
+                    else:
+                        self.send_error(503)
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
                 self.end_headers()
                 first = sum(camera.bursts[:burst])
-                for jpg in camera.jpegs[first : first + camera.bursts[burst]]:
-                    self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n"
-                                     % (len(jpg), jpg))
-                if stall:
-                    self.wfile.flush()
-                    camera.closing.wait(30)
+                try:
+                    for jpg in camera.jpegs[first : first + camera.bursts[burst]]:
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n"
+                                         % (len(jpg), jpg))
+                    if stall:
+                        self.wfile.flush()
+                        camera.closing.wait(30)
+                except OSError:  # the client went away
+                    pass
 
             def log_message(self, *args):
                 pass

@@ -10,6 +10,7 @@ import sys
 
 import typer
 
+from se_deploy.cli.signals import EXIT_TERMINATED, Terminated, raise_on_sigterm
 from se_deploy.errors import SeDeployError
 
 app = typer.Typer(
@@ -50,6 +51,7 @@ def main() -> None:
     """
     from se_deploy.cli.legacy import rewrite_legacy
 
+    raise_on_sigterm()
     try:
         code = app(args=rewrite_legacy(sys.argv[1:]), prog_name="se-deploy", standalone_mode=False)
     except SeDeployError as e:
@@ -63,4 +65,7 @@ def main() -> None:
     except (KeyboardInterrupt, typer.Abort):
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        sys.exit(EXIT_TERMINATED)
     sys.exit(code if isinstance(code, int) else 0)

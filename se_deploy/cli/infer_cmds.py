@@ -23,12 +23,22 @@ from se_deploy.cli.options import (
     model_option,
     parse_classes,
 )
+from se_deploy.cli.output import deprecated
+from se_deploy.cli.signals import EXIT_TERMINATED
+from se_deploy.demo import DEMO_DIR
 from se_deploy.errors import SeDeployError
 
 EXIT_INTERRUPTED = 130
+STOP_EXIT_CODES = {"interrupted": EXIT_INTERRUPTED, "terminated": EXIT_TERMINATED}  # stop_reason -> exit code
 ModelOpt = model_option("Model file (.engine, .onnx, .pt) or Triton model (grpc://HOST:PORT/NAME, "
                         "http://HOST:PORT/NAME) [default: the newest in engines/]")
 ImgszOpt = imgsz_option("Letterbox size: H or H,W (models with a fixed size need none) [default: 640]")
+OldOutOpt = typer.Option(None, "--out", "-o", hidden=True, help="Old spelling of --out-dir")
+
+
+def out_dir_option(default: Path, what: str) -> typer.Option:
+    return typer.Option(default, "--out-dir", help=f"{what}; if it is in use or not empty, the next free one: "
+                                                   "NAME2, NAME3, ... (the summary names it)")
 
 
 class FpsColumn(ProgressColumn):
@@ -44,6 +54,21 @@ def check_classes(classes: list[int] | None, runner) -> None:
     if unknown:
         raise SeDeployError(f"--classes {','.join(map(str, unknown))}: {runner.path.name} has {runner.nc} classes "
                             f"(0-{runner.nc - 1}: {', '.join(runner.names.values())})")
+
+
+def chosen_out_dir(out_dir: Path, old_out: Path | None) -> Path:
+    """--out-dir, or the old -o/--out when given (with a deprecation note)."""
+    if old_out is None:
+        return out_dir
+    deprecated("-o/--out DIR", "--out-dir DIR")
+    return old_out
+
+
+def exit_if_stopped(stop_reason: str, frames: int, console: Console) -> None:
+    """After Ctrl-C or SIGTERM: say what was kept and exit 130 or 143."""
+    if stop_reason in STOP_EXIT_CODES:
+        console.print(f"{stop_reason}: kept the {frames} frames written")
+        raise typer.Exit(STOP_EXIT_CODES[stop_reason])
 
 
 def run_with_progress(runner, source, out: Path, settings, console: Console):
@@ -67,6 +92,7 @@ def summary_table(summary: dict) -> Table:
     for stage, ms in summary["stages_ms"].items():
         table.add_row(f"  {stage}", f"{ms:.2f} ms/frame")
     table.add_row("stopped by", summary["stop_reason"])
+    table.add_row("results in", summary["out_dir"])
     for name, path in summary["outputs"].items():
         table.add_row(name, path)
     return table
@@ -76,7 +102,8 @@ def summary_table(summary: dict) -> Table:
 def infer(
     source: str = typer.Argument(..., help="Video file, image, folder or glob of images, camera index, RTSP/HTTP URL"),
     model: str = ModelOpt,
-    out: Path = typer.Option(Path("runs/infer"), "--out", "-o", help="Output folder"),
+    out_dir: Path = out_dir_option(Path("runs") / "infer" / "exp", "Folder for this run's results"),
+    old_out: Path = OldOutOpt,
     imgsz: str = ImgszOpt,
     rect: bool = typer.Option(True, "--rect/--no-rect",
                               help="Any-size models: pad only to a multiple of the stride (detect.py) or to the full square"),
@@ -96,6 +123,7 @@ def infer(
     as_json: bool = JsonFlag,
 ) -> None:
     """Detect objects in a video, images or a stream; write the annotated video/images and detections.jsonl."""
+    from se_deploy.inference.run_dir import claim_run_dir
     from se_deploy.inference.sources import open_source
     from se_deploy.inference.video_pipeline import SERVER_LOST, InferSettings
     from se_deploy.model_select import resolve_model
@@ -104,16 +132,15 @@ def infer(
     console = Console(stderr=True)
     settings = InferSettings(imgsz, rect, conf, iou, classes, max_det, batch, not no_video,
                              video_codec=video_codec, helper_nice=helper_nice)
-    with open_source(source) as src, load_runner(resolve_model(model, console.print), device=device) as runner:
+    with claim_run_dir(chosen_out_dir(out_dir, old_out)) as run_dir, open_source(source) as src, \
+            load_runner(resolve_model(model, console.print), device=device) as runner:
         check_classes(classes, runner)
-        result = run_with_progress(runner, src, out, settings, console).summary()
+        result = run_with_progress(runner, src, run_dir, settings, console).summary()
     if as_json:
         print(json.dumps(result, indent=2))
     else:
         Console().print(summary_table(result))
-    if result["stop_reason"] == "interrupted":
-        console.print(f"interrupted: kept the {result['frames']} frames written")
-        raise typer.Exit(EXIT_INTERRUPTED)
+    exit_if_stopped(result["stop_reason"], result["frames"], console)
     if result["stop_reason"].startswith(SERVER_LOST):
         console.print(f"error: {result['stop_reason']}; kept the {result['frames']} frames written", soft_wrap=True)
         raise typer.Exit(EXIT_ERROR)
@@ -158,19 +185,19 @@ def bench(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(None, "--out", "-o", help="Folder for the annotated clip and detections [default: runs/demo]; models go to engines/",
-                             show_default=False),
+    out_dir: Path = out_dir_option(DEMO_DIR, "Folder for the annotated clip and detections (models go to engines/)"),
+    old_out: Path = OldOutOpt,
     no_trt: bool = typer.Option(False, "--no-trt", help="Skip the TensorRT engine even where TensorRT is usable"),
 ) -> None:
     """Run the whole chain on the bundled SE-YOLOv5n checkpoint and clip: export -> check -> (TensorRT) -> infer."""
     import time
 
-    from se_deploy.demo import DEMO_DIR, run_demo
+    from se_deploy.demo import run_demo
+    from se_deploy.inference.run_dir import claim_run_dir
 
-    out = out or DEMO_DIR
     console, started = Console(stderr=True), time.perf_counter()
-    with console.status("demo") as status:
-        report = run_demo(out, tensorrt=False if no_trt else None, say=status.update,
+    with claim_run_dir(chosen_out_dir(out_dir, old_out)) as run_dir, console.status("demo") as status:
+        report = run_demo(run_dir, tensorrt=False if no_trt else None, say=status.update,
                           on_frame=lambda done: status.update(f"infer: {done} frames"))
     table = Table(title=f"demo ({time.perf_counter() - started:.0f} s)", show_header=False)
     table.add_row("checkpoint", str(report.weights))
@@ -187,8 +214,10 @@ def demo(
         for name, path in result.outputs.items():
             table.add_row(name, path)
     Console().print(table)
+    if report.infer is not None:
+        exit_if_stopped(report.infer.stop_reason, report.infer.frames, console)
     if not report.passed:
         raise typer.Exit(1)
     model = report.engine or report.onnx
-    Console(soft_wrap=True).print(f"results are in {out}/ and {model.parent}/ - next: se-deploy infer YOUR_VIDEO.mp4 "
+    Console(soft_wrap=True).print(f"results are in {run_dir}/ and {model.parent}/ - next: se-deploy infer YOUR_VIDEO.mp4 "
                                   f"(picks {model.name} from {model.parent}/)")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from se_deploy.cli.options import MAX_BATCH, ConfOpt, IouOpt, JsonFlag, MaxDetOp
 from se_deploy.cli.output import err, finish, out
 from se_deploy.errors import SeDeployError
 
-EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+EXIT_INTERRUPTED = 130
 
 
 @app.command()
@@ -89,11 +88,6 @@ def serve(
                             f"server has the python backend only); serve it with: {docker_command(repo, configs)}")
     environment = find_environment(python_env)
     environment.check(configs)
-
-    def terminated(signum, frame):
-        raise SystemExit(EXIT_TERMINATED)
-
-    previous = signal.signal(signal.SIGTERM, terminated)
     server = TritonServer(repo, environment, address=address, http_port=http_port, grpc_port=grpc_port,
                           metrics_port=metrics_port)
     try:
@@ -112,9 +106,8 @@ def serve(
         while server.process.poll() is None:
             time.sleep(0.5)
         raise SeDeployError(f"tritonserver exited by itself (exit code {server.process.returncode})")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # SIGTERM raises cli.signals.Terminated: the same cleanup, then exit 143
         err.print("stopping tritonserver")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
         server.stop()
-        signal.signal(signal.SIGTERM, previous)

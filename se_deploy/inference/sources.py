@@ -1,14 +1,17 @@
 """Frame sources: a video file, an image, a folder or glob of images, a camera index, an RTSP/HTTP stream.
 
 ``open_source(spec)`` checks the source and returns a ``Source``; iterating ``source.frames()`` yields
-``Frame``s in order. Frames that cannot be decoded are skipped and counted (``source.skipped``); a
-camera or stream that drops is reopened a few times before the source ends (``source.stop_reason``).
+``Frame``s in order until the source ends or the ``stop`` event given to it is set. Frames that cannot be
+decoded are skipped and counted (``source.skipped``). A camera or stream that drops is reopened a few
+times, and a reopen that brings no new frame uses up one of them; a video file served over HTTP ends
+at its last frame (and resumes where it dropped) rather than being replayed. ``source.stop_reason``
+says why the frames ended.
 """
 
 from __future__ import annotations
 
-import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,15 +21,13 @@ import cv2
 import numpy as np
 
 from se_deploy.errors import SeDeployError
+from se_deploy.inference.opencv_logging import libjpeg_quiet
 from se_deploy.inference.preprocess import IMAGE_SUFFIXES, image_paths
 
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
-MAX_FILE_GAP = 30  # consecutive undecodable frames after which a video file is taken to have ended
+MAX_FILE_GAP = 30  # consecutive unusable frames after which a video file has ended, or a stream has dropped
 # A stalled network stream counts as dropped after this long without a frame (FFmpeg backend).
 STREAM_TIMEOUTS_MS = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 10000, cv2.CAP_PROP_READ_TIMEOUT_MSEC, 5000]
-
-# FFmpeg reports every damaged packet on stderr; sources count skipped frames instead.
-os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
 
 @dataclass
@@ -60,7 +61,8 @@ class Source:
         """A file-name stem for outputs made from this source."""
         return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.name).stem) or self.kind
 
-    def frames(self, next_buffer: BufferFn | None = None) -> Iterator[Frame]:
+    def frames(self, next_buffer: BufferFn | None = None, stop: threading.Event | None = None) -> Iterator[Frame]:
+        """The frames, decoded into buffers from ``next_buffer`` when given, until the end or ``stop`` is set."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -73,6 +75,10 @@ class Source:
         self.close()
 
 
+def _stopping(stop: threading.Event | None) -> bool:
+    return stop is not None and stop.is_set()
+
+
 class ImageSource(Source):
     """Still images, read one by one; an unreadable image is skipped and counted."""
 
@@ -83,10 +89,14 @@ class ImageSource(Source):
         self.paths = image_paths(spec)
         self.total = len(self.paths)
 
-    def frames(self, next_buffer: BufferFn | None = None) -> Iterator[Frame]:
+    def frames(self, next_buffer: BufferFn | None = None, stop: threading.Event | None = None) -> Iterator[Frame]:
         for index, path in enumerate(self.paths):
+            if _stopping(stop):
+                self.stop_reason = "stopped"
+                return
             start = time.perf_counter()
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            with libjpeg_quiet():  # a damaged JPEG that still decodes is used; one that does not is counted
+                image = cv2.imread(str(path), cv2.IMREAD_COLOR)
             self.decode_seconds += time.perf_counter() - start
             if image is None:
                 self.skipped += 1
@@ -95,14 +105,21 @@ class ImageSource(Source):
 
 
 class CaptureSource(Source):
-    """Frames from an OpenCV VideoCapture, decoded into buffers handed out by the caller."""
+    """Frames from an OpenCV VideoCapture, decoded into buffers handed out by the caller.
 
-    def __init__(self, name: str, target, retries: int = 0, retry_delay: float = 1.0):
+    One thread reads (the pipeline's decode thread); ``close()`` may come from another while that
+    one is blocked in OpenCV, and then leaves the release to the reader, once OpenCV returns.
+    """
+
+    _open_failure = "cannot be opened"
+
+    def __init__(self, name: str, target):
         super().__init__(name)
         self._target = target
-        self.retries = retries
-        self.retry_delay = retry_delay
-        self.cap = self._open()
+        self._lock = threading.Lock()  # guards cap, _reading and _closed
+        self._reading = False
+        self._closed = False
+        self.cap = self._first_open()
         if self.cap is None:
             raise SeDeployError(f"{name}: {self._open_failure}")
         fps = self.cap.get(cv2.CAP_PROP_FPS)
@@ -110,34 +127,59 @@ class CaptureSource(Source):
         w, h = int(self.cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(self.cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
         self.size = (w, h) if w > 0 and h > 0 else None
 
-    _open_failure = "cannot be opened"
-
     def _open(self):
-        if self.kind == "stream":
-            cap = cv2.VideoCapture(self._target, cv2.CAP_FFMPEG, STREAM_TIMEOUTS_MS)
-        else:
-            cap = cv2.VideoCapture(self._target)
-        if cap is None or not cap.isOpened():
+        """A new opened capture of the target, or None."""
+        try:
+            if self.kind == "stream":
+                cap = cv2.VideoCapture(self._target, cv2.CAP_FFMPEG, STREAM_TIMEOUTS_MS)
+            else:
+                cap = cv2.VideoCapture(self._target)
+        except cv2.error:
             return None
-        return cap
+        return cap if cap.isOpened() else None
+
+    def _first_open(self):
+        return self._open()
 
     def _read(self, buffer) -> np.ndarray | None:
-        start = time.perf_counter()
-        ok, image = self.cap.read(buffer) if buffer is not None else self.cap.read()
-        self.decode_seconds += time.perf_counter() - start
+        with self._lock:
+            cap, self._reading = self.cap, True
+        try:
+            ok, image = False, None
+            if cap is not None:
+                start = time.perf_counter()
+                ok, image = cap.read(buffer) if buffer is not None else cap.read()
+                self.decode_seconds += time.perf_counter() - start
+        finally:
+            with self._lock:
+                self._reading = False
+                closed_meanwhile = self._closed
+            if closed_meanwhile:
+                self._set_capture(None)
         if not ok or image is None or image.ndim != 3:
             return None
         if self.size is None:
             self.size = (image.shape[1], image.shape[0])
         return image
 
+    def _set_capture(self, cap) -> None:
+        """Make ``cap`` the capture and release the one before (after ``close()``, release both)."""
+        with self._lock:
+            released = [self.cap, cap if self._closed else None]
+            self.cap = None if self._closed else cap
+        for old in released:
+            if old is not None:
+                old.release()
+
     def _fits(self, image: np.ndarray) -> bool:
         return (image.shape[1], image.shape[0]) == self.size
 
     def close(self) -> None:
-        if self.cap is not None:
-            self.cap.release()
-            self.cap = None
+        with self._lock:
+            self._closed = True
+            if self._reading:  # the reading thread releases it when OpenCV returns
+                return
+        self._set_capture(None)
 
 
 class VideoFileSource(CaptureSource):
@@ -172,13 +214,13 @@ class VideoFileSource(CaptureSource):
         self._trailing = failures
         return None
 
-    def frames(self, next_buffer: BufferFn | None = None) -> Iterator[Frame]:
+    def frames(self, next_buffer: BufferFn | None = None, stop: threading.Event | None = None) -> Iterator[Frame]:
         if self._first is not None:
             first, self._first = self._first, None
             yield first
         while True:
             buffer = next_buffer() if next_buffer is not None else None
-            if next_buffer is not None and buffer is None:
+            if _stopping(stop) or (next_buffer is not None and buffer is None):
                 self.stop_reason = "stopped"
                 return
             frame = self._next_good(buffer)
@@ -190,12 +232,31 @@ class VideoFileSource(CaptureSource):
         self.skipped += max(0, min(self._trailing, (self.total or 0) - decoded_or_skipped))
 
 
+def _open_in_helper_thread(open_capture: Callable[[], object]):
+    """``open_capture()`` run in a helper thread while this one waits, so that Ctrl-C here is not held up
+    by an OpenCV open blocked in FFmpeg (up to its 10 s timeout). An abandoned capture is released when
+    the helper drops it."""
+    opened = []
+    helper = threading.Thread(target=lambda: opened.append(open_capture()), name="se-deploy-open", daemon=True)
+    helper.start()
+    helper.join()  # a signal interrupts this wait; the helper finishes on its own
+    return opened[0] if opened else None
+
+
 class LiveSource(CaptureSource):
-    """A camera index or a network stream; when it drops, it is reopened up to ``retries`` times."""
+    """A camera index or a network stream; when it drops, it is reopened up to ``retries`` times.
+
+    A stream that reports a frame count is a file served over the network: it ends at its last frame,
+    and after a drop it resumes at the frame where it stopped instead of starting again.
+    """
 
     def __init__(self, name: str, target, kind: str, retries: int = 3, retry_delay: float = 1.0):
         self.kind = kind
-        super().__init__(name, target, retries, retry_delay)
+        self.retries = retries
+        self.retry_delay = retry_delay
+        super().__init__(name, target)
+        count = self.cap.get(cv2.CAP_PROP_FRAME_COUNT)  # live streams say 0, -1 or a huge negative number
+        self.total = int(count) if 0 < count < 2**31 else None
 
     @property
     def _open_failure(self) -> str:
@@ -207,36 +268,61 @@ class LiveSource(CaptureSource):
             return f"camera{self._target}"
         return re.sub(r"[^A-Za-z0-9._-]+", "_", self.name.split("://", 1)[-1]).strip("_") or "stream"
 
-    def _reconnect(self) -> bool:
-        """Reopen after a drop, waiting a little longer each try; False when every try failed."""
-        self.close()
-        for attempt in range(1, self.retries + 1):
-            time.sleep(self.retry_delay * attempt)
-            self.cap = self._open()
-            if self.cap is not None:
-                return True
-        self.stop_reason = f"{self.kind} lost (no frames after {self.retries} reconnects)"
-        return False
+    def _first_open(self):
+        if self.kind == "camera":  # opens at once; some platforms want cameras opened in the main thread
+            return self._open()
+        return _open_in_helper_thread(self._open)
 
-    def frames(self, next_buffer: BufferFn | None = None) -> Iterator[Frame]:
-        index, buffer = 0, None
-        while self.cap is not None:
+    def _reopen(self, position: int):
+        """A new capture; for a file served over the network, one that continues at frame ``position``."""
+        cap = self._open()
+        if cap is not None and self.total is not None and position > 0:
+            cap.set(cv2.CAP_PROP_POS_FRAMES, position)
+            if int(cap.get(cv2.CAP_PROP_POS_FRAMES)) != position:  # cannot seek there: no new frame from it
+                cap.release()
+                return None
+        return cap
+
+    def _at_end(self, position: int) -> bool:
+        """Whether a file served over the network has been read to its end (the count may be estimated
+        from the duration, one frame high)."""
+        return self.total is not None and position >= self.total - 1
+
+    def frames(self, next_buffer: BufferFn | None = None, stop: threading.Event | None = None) -> Iterator[Frame]:
+        stop = stop or threading.Event()
+        position, buffer = 0, None  # position: frames read so far, usable or not
+        reconnects = unusable = 0  # since the last usable frame
+        while not stop.is_set():
             if buffer is None and next_buffer is not None:
                 buffer = next_buffer()
                 if buffer is None:
-                    self.stop_reason = "stopped"
-                    return
+                    break
             image = self._read(buffer)
-            if image is None:
-                if not self._reconnect():
-                    return
-                continue
-            index += 1
-            if not self._fits(image):  # a damaged frame, or a size change after a reconnect
-                self.skipped += 1
-                continue
-            buffer = None
-            yield Frame(index - 1, image, self.name)
+            if stop.is_set():
+                break
+            if image is not None:
+                position += 1
+                if self._fits(image):
+                    reconnects = unusable = 0
+                    buffer = None
+                    yield Frame(position - 1, image, self.name)
+                    continue
+                self.skipped += 1  # a damaged frame, or a size change after a reconnect
+                unusable += 1
+                if unusable < MAX_FILE_GAP:
+                    continue
+            elif self._at_end(position):
+                self.stop_reason = "end"
+                return
+            if reconnects == self.retries:
+                self.stop_reason = f"{self.kind} lost: no new frame after {self.retries} reconnects"
+                return
+            reconnects, unusable = reconnects + 1, 0
+            self._set_capture(None)
+            if stop.wait(self.retry_delay * reconnects):
+                break
+            self._set_capture(self._reopen(position))
+        self.stop_reason = "stopped"
 
 
 def open_source(spec: str | int, retries: int = 3, retry_delay: float = 1.0) -> Source:

@@ -5,7 +5,7 @@ stages hand batches on through bounded queues, so decoding, letterboxing, infere
 overlap and the inference thread does nothing but infer. Frame and network-input buffers come from
 fixed pools, so nothing is allocated per frame and memory does not grow with the length of the video.
 Outputs are written under temporary names and renamed when the run ends: at the end of the source,
-on Ctrl-C, or when a stream is lost, so what was written stays playable.
+on Ctrl-C or SIGTERM, or when a stream is lost, so what was written stays playable.
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ DEFAULT_FPS = 30.0  # output frame rate when a stream does not report one
 _DONE = object()  # end-of-stream marker passed down the queues
 SERVER_LOST = "model server lost"  # how stop_reason starts when a served model stopped answering mid-run
 _POLL_S = 0.1  # how often a blocked stage looks at the stop flag
+# Once the run is stopping, how long to wait for a decoder blocked in OpenCV (a stream's open or read
+# waits up to its timeout); it ends by itself when OpenCV returns, and releases the capture then.
+DECODE_GRACE_S = 1.0
+STOP_SIGNALS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}  # signal -> stop_reason
 # How far the helper stages' threads step back (nice) when inference runs on the CPU: they then run in
 # the moments inference leaves a core idle instead of stalling it (benchmarks/video_throughput.py).
 CPU_HELPER_NICE = 19
@@ -74,8 +78,10 @@ class InferResult:
     seconds: float
     fps: float
     stages_ms: dict[str, float]
+    out_dir: str
     outputs: dict[str, str]
-    stop_reason: str  # 'end', 'interrupted', why a live source ended, or SERVER_LOST + why
+    # 'end', 'interrupted' (Ctrl-C), 'terminated' (SIGTERM), why a live source ended, or SERVER_LOST + why
+    stop_reason: str
     model: str
     source: str
     input_hw: list[int] | None
@@ -197,7 +203,7 @@ class MediaWriter:
     """Writes each finished frame: a detections.jsonl line, and the annotated frame to a video or image."""
 
     def __init__(self, names: dict[int, str], jsonl_path: Path, video_path: Path | None, image_dir: Path | None,
-                 fps: float, codec: str):
+                 fps: float, codec: str, size_wh: tuple[int, int] | None):
         self.names = names
         self._jsonl = open(jsonl_path, "w", encoding="utf-8", buffering=1)  # line-buffered: tail -f works
         self._video_path = video_path
@@ -206,6 +212,8 @@ class MediaWriter:
         self._codec = codec
         self._video: VideoWriter | None = None
         self._annotator: Annotator | None = None
+        if video_path and size_wh:  # opened before decoding starts: OpenCV holds one lock while any FFmpeg
+            self._open_video(size_wh)  # open runs, and a stream's reconnect may wait 10 s in one
 
     def _annotate(self, image: np.ndarray, dets: np.ndarray) -> None:
         hw = image.shape[:2]
@@ -218,18 +226,20 @@ class MediaWriter:
         if self._video_path or self._image_dir:
             self._annotate(frame.image, dets)
         if self._video_path:
-            if self._video is None:
-                h, w = frame.image.shape[:2]
-                self._video = VideoWriter(self._video_path, self._codec, self._fps, (w, h))
+            if self._video is None:  # a source that did not say its frame size
+                self._open_video((frame.image.shape[1], frame.image.shape[0]))
             self._video.write(frame.image)
         elif self._image_dir:
             target = self._image_dir / Path(frame.name).name
             if target.resolve() == Path(frame.name).resolve():
-                raise SeDeployError(f"{target}: --out would overwrite the source image; choose another folder")
+                raise SeDeployError(f"{target}: --out-dir would overwrite the source image; choose another folder")
             with atomic_output(target) as tmp:
                 if not cv2.imwrite(str(tmp), frame.image):
                     raise SeDeployError(f"{target}: OpenCV cannot write this image")
         self._jsonl.write(json.dumps(record) + "\n")
+
+    def _open_video(self, size_wh: tuple[int, int]) -> None:
+        self._video = VideoWriter(self._video_path, self._codec, self._fps, size_wh)
 
     def close(self) -> None:
         if self._video is not None:
@@ -256,7 +266,7 @@ class Pipeline:
         self.settings = settings
         self.on_frame = on_frame
         self.stop = threading.Event()
-        self.interrupted = False
+        self.stopped_by: int | None = None  # the signal that stopped the run, if one did
         self.errors: list[BaseException] = []
         self.seconds = dict.fromkeys(STAGES, 0.0)
         self.written = 0
@@ -312,7 +322,7 @@ class Pipeline:
     def _decode(self) -> None:
         next_buffer = (lambda: self.frame_pool.acquire(self.frame_shape)) if self.frame_pool else None
         batch: list[Frame] = []
-        for frame in self.source.frames(next_buffer):
+        for frame in self.source.frames(next_buffer, self.stop):
             batch.append(frame)
             if len(batch) == self.settings.batch:
                 if not self._put(self.decoded_q, batch):
@@ -380,7 +390,8 @@ class Pipeline:
     def run(self) -> float:
         """Run every stage to the end (or until stopped); returns the wall time in seconds."""
         start = time.perf_counter()
-        threads = [self._thread(stage) for stage in (self._decode, self._preprocess, self._postprocess, self._encode)]
+        decoder = self._thread(self._decode)
+        others = [self._thread(stage) for stage in (self._preprocess, self._postprocess, self._encode)]
         try:
             try:
                 self._infer()
@@ -389,35 +400,50 @@ class Pipeline:
             except BaseException as e:
                 self.errors.append(e)
                 self.stop.set()
-            for thread in threads:
-                thread.join()
-        except KeyboardInterrupt:  # a second Ctrl-C while stopping: stop now, keep what was written
-            self.interrupted = True
+            self._join(decoder, others)
+        except KeyboardInterrupt:  # a second signal while stopping: stop now, keep what was written
+            self.stopped_by = self.stopped_by or signal.SIGINT
             self.stop.set()
-            for thread in threads:
-                thread.join()
+            self._join(decoder, others)
         self.seconds["decode"] = self.source.decode_seconds
         return time.perf_counter() - start
 
+    def _join(self, decoder: threading.Thread, others: list[threading.Thread]) -> None:
+        """Wait for the stages; once the run is stopping, for the decoder only DECODE_GRACE_S more."""
+        for thread in others:
+            thread.join()
+        while decoder.is_alive() and not self.stop.is_set():
+            decoder.join(_POLL_S)
+        decoder.join(DECODE_GRACE_S)
+
 
 @contextlib.contextmanager
-def _ctrl_c_stops(pipeline: Pipeline):
-    """While running, the first Ctrl-C asks the pipeline to stop after the frame being written."""
+def _stop_signals(pipeline: Pipeline):
+    """While running, Ctrl-C or SIGTERM (docker stop) asks the pipeline to stop after the frame being
+    written; a second one stops at once. A signal the caller ignores stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        if pipeline.interrupted:
+        if pipeline.stopped_by is not None:
             raise KeyboardInterrupt
-        pipeline.interrupted = True
+        pipeline.stopped_by = signum
         pipeline.stop.set()
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum, before in previous.items():
+        if before is not signal.SIG_IGN:
+            signal.signal(signum, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, before in previous.items():
+            signal.signal(signum, signal.SIG_DFL if before is None else before)
+
+
+class _StoppedBeforeAnyFrame(Exception):
+    """A signal stopped the run before a frame was written: the temporary files go, the signal is passed on."""
 
 
 def warm_up(runner: Runner, shaper: InputShaper, source: Source, batch: int) -> None:
@@ -427,6 +453,40 @@ def warm_up(runner: Runner, shaper: InputShaper, source: Source, batch: int) -> 
         runner.infer(np.zeros((batch, 3, *shaper.input_hw((h, w))), np.float32))
 
 
+def server_lost(pipeline: Pipeline) -> ModelServerLostError | None:
+    """The model server's loss, when that is what stopped the run (a Triton model that stopped answering)."""
+    return next((e for e in pipeline.errors if isinstance(e, ModelServerLostError)), None)
+
+
+def _write_outputs(runner: Runner, source: Source, shaper: InputShaper, out_dir: Path, outputs: dict[str, str],
+                   settings: InferSettings, on_frame: Callable[[int], None] | None) -> tuple[float, Pipeline]:
+    """Run the pipeline into temporary files, renamed to ``outputs`` once it is done (removed if it fails)."""
+    with contextlib.ExitStack() as stack:
+        jsonl_tmp = stack.enter_context(atomic_output(outputs["jsonl"]))
+        video_tmp = image_dir = None
+        if settings.save_media and source.kind == "images":
+            image_dir = out_dir
+            outputs["images"] = str(out_dir)
+        elif settings.save_media:
+            video_path = out_dir / f"{source.output_stem}{SUFFIXES[settings.video_codec]}"
+            video_tmp = stack.enter_context(atomic_output(video_path))
+            outputs["video"] = str(video_path)
+        writer = MediaWriter(runner.names, jsonl_tmp, video_tmp, image_dir, source.fps or DEFAULT_FPS,
+                             settings.video_codec, source.size)
+        stack.callback(writer.close)  # closed before the temporary files are renamed
+        pipeline = Pipeline(runner, source, shaper, writer, settings, on_frame)
+        with _stop_signals(pipeline):
+            seconds = pipeline.run()
+        if pipeline.errors and not (server_lost(pipeline) and pipeline.written):  # ends like a lost stream
+            raise pipeline.errors[0]
+        if not pipeline.written:
+            if pipeline.stopped_by is not None:
+                raise _StoppedBeforeAnyFrame(pipeline.stopped_by)
+            why = "" if source.stop_reason in ("end", "stopped") else f"; {source.stop_reason}"
+            raise SeDeployError(f"{source.name}: no frame could be decoded ({source.skipped} unreadable{why})")
+    return seconds, pipeline
+
+
 def run_inference(runner: Runner, source: Source, out_dir: str | Path, settings: InferSettings | None = None,
                   on_frame: Callable[[int], None] | None = None) -> InferResult:
     """Detect objects in every frame of ``source`` with the activated ``runner``; write outputs to ``out_dir``.
@@ -434,6 +494,10 @@ def run_inference(runner: Runner, source: Source, out_dir: str | Path, settings:
     Writes ``detections.jsonl`` (one line per frame, boxes in original-frame pixels) and, unless
     ``settings.save_media`` is off, the annotated video (``<source>.avi`` or ``.mp4``, the source's size and fps) or
     annotated images. ``on_frame(done)`` is called after each written frame (for a progress display).
+    In the main thread, Ctrl-C or SIGTERM ends the run after the frame being written and keeps what
+    was written (``stop_reason`` 'interrupted' or 'terminated'); one that comes before the first frame
+    is passed on to the handler from before the run once the temporary files are gone (Ctrl-C:
+    KeyboardInterrupt).
     """
     settings = settings or InferSettings()
     if settings.batch < 1:
@@ -444,33 +508,15 @@ def run_inference(runner: Runner, source: Source, out_dir: str | Path, settings:
     out_dir = Path(out_dir)
     shaper = InputShaper(runner, settings)
     warm_up(runner, shaper, source, settings.batch)
-    jsonl_path = out_dir / "detections.jsonl"
-    outputs = {"jsonl": str(jsonl_path)}
-    with contextlib.ExitStack() as stack:
-        jsonl_tmp = stack.enter_context(atomic_output(jsonl_path))
-        video_tmp = image_dir = None
-        if settings.save_media and source.kind == "images":
-            image_dir = out_dir
-            outputs["images"] = str(out_dir)
-        elif settings.save_media:
-            video_path = out_dir / f"{source.output_stem}{SUFFIXES[settings.video_codec]}"
-            video_tmp = stack.enter_context(atomic_output(video_path))
-            outputs["video"] = str(video_path)
-        writer = MediaWriter(runner.names, jsonl_tmp, video_tmp, image_dir, source.fps or DEFAULT_FPS,
-                             settings.video_codec)
-        stack.callback(writer.close)  # closed before the temporary files are renamed
-        pipeline = Pipeline(runner, source, shaper, writer, settings, on_frame)
-        with _ctrl_c_stops(pipeline):
-            seconds = pipeline.run()
-        lost = next((e for e in pipeline.errors if isinstance(e, ModelServerLostError)), None)
-        if pipeline.errors and not (lost and pipeline.written):  # a lost server ends the run like a lost stream
-            raise pipeline.errors[0]
-        if not pipeline.written:
-            if pipeline.interrupted:
-                raise KeyboardInterrupt
-            raise SeDeployError(f"{source.name}: no frame could be decoded ({source.skipped} unreadable)")
+    outputs = {"jsonl": str(out_dir / "detections.jsonl")}
+    try:
+        seconds, pipeline = _write_outputs(runner, source, shaper, out_dir, outputs, settings, on_frame)
+    except _StoppedBeforeAnyFrame as stopped:
+        signal.raise_signal(stopped.args[0])
+        raise KeyboardInterrupt from None  # the handler from before let it pass
     frames = pipeline.written
-    stop_reason = "interrupted" if pipeline.interrupted else f"{SERVER_LOST}: {lost}" if lost else source.stop_reason
+    lost = server_lost(pipeline)
+    stop_reason = STOP_SIGNALS.get(pipeline.stopped_by) or (f"{SERVER_LOST}: {lost}" if lost else source.stop_reason)
     first_hw = (source.size[1], source.size[0]) if source.size else None
     input_hw = shaper.input_hw(first_hw) if first_hw else runner.imgsz  # images: None when it varies
     return InferResult(
@@ -479,6 +525,7 @@ def run_inference(runner: Runner, source: Source, out_dir: str | Path, settings:
         seconds=round(seconds, 4),
         fps=round(frames / seconds, 2) if seconds > 0 else 0.0,
         stages_ms={k: round(v / frames * 1000, 3) for k, v in pipeline.seconds.items()},
+        out_dir=str(out_dir),
         outputs=outputs,
         stop_reason=stop_reason,
         model=runner.description,

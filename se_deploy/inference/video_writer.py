@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from se_deploy.errors import SeDeployError
+from se_deploy.inference import opencv_logging  # noqa: F401  FFmpeg quiet before its first use
 
 SUFFIXES = {"mjpeg": ".avi", "mp4v": ".mp4"}  # codec -> container
 JPEG_QUALITY = 90  # visually lossless for drawn labels (PSNR ~44 dB on the fixture clip)
