@@ -25,8 +25,9 @@ def _commands() -> dict:
 
 
 def _options(command) -> dict[str, object]:
-    """Every option of a command by each of its names (--json, -o, ...)."""
-    return {name: param for param in command.params for name in (*param.opts, *param.secondary_opts)}
+    """Every option of a command by each of its names (--json, -o, ...); hidden old spellings left out."""
+    return {name: param for param in command.params if not getattr(param, "hidden", False)
+            for name in (*param.opts, *param.secondary_opts)}
 
 
 # one spelling per option ---------------------------------------------------------------------------

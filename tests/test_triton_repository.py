@@ -176,7 +176,7 @@ def test_model_urls():
 @pytest.mark.parametrize("scheme", ["grpc", "http"])
 def test_no_server_is_one_line_and_no_output(scheme, tmp_path):
     (port,) = free_ports(1)
-    r = run_cli("infer", CLIP, "--model", f"{scheme}://127.0.0.1:{port}/shapes", "-o", tmp_path / "out")
+    r = run_cli("infer", CLIP, "--model", f"{scheme}://127.0.0.1:{port}/shapes", "--out-dir", tmp_path / "out")
     _refused(r, f"{scheme}://127.0.0.1:{port}/shapes", "no Triton server answers")
     assert not (tmp_path / "out").exists()
 

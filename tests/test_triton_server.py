@@ -100,7 +100,7 @@ def test_raw_outputs_equal_onnx_runtime(served, dynamic_onnx, images, scheme):
 
 
 def test_e2e_detections_equal_infer_on_the_same_images(served, dynamic_onnx, tmp_path):
-    summary = infer_json(DEMO_IMAGES, "--model", dynamic_onnx, "--no-video", "-o", tmp_path)
+    summary = infer_json(DEMO_IMAGES, "--model", dynamic_onnx, "--no-video", "--out-dir", tmp_path)
     local = {Path(rec["source"]).name: rec["detections"] for rec in read_jsonl(summary["outputs"]["jsonl"])}
     assert len(local) == len(IMAGES) and sum(map(len, local.values())) > 0
     for path in IMAGES:
@@ -114,8 +114,8 @@ def test_e2e_detections_equal_infer_on_the_same_images(served, dynamic_onnx, tmp
 
 def test_infer_over_grpc_writes_the_same_jsonl_as_the_local_model(served, dynamic_onnx, tmp_path):
     url = served.url("grpc", "shapes")
-    local = infer_json(CLIP, "--model", dynamic_onnx, "--no-video", "-o", tmp_path / "local")
-    remote = infer_json(CLIP, "--model", url, "--no-video", "-o", tmp_path / "remote")
+    local = infer_json(CLIP, "--model", dynamic_onnx, "--no-video", "--out-dir", tmp_path / "local")
+    remote = infer_json(CLIP, "--model", url, "--no-video", "--out-dir", tmp_path / "remote")
     assert remote["model"].startswith("triton fp32 on triton 127.0.0.1") and remote["stop_reason"] == "end"
     assert remote["frames"] == local["frames"] == 60
     assert Path(remote["outputs"]["jsonl"]).read_text() == Path(local["outputs"]["jsonl"]).read_text()
@@ -158,7 +158,7 @@ def test_every_command_takes_a_triton_model(served, dynamic_onnx):
 
 @pytest.mark.parametrize("model, message", [("shapes_e2e", "an end-to-end model"), ("nothing", "is not ready")])
 def test_wrong_model_is_one_line(served, model, message, tmp_path):
-    r = run_cli("infer", CLIP, "--model", served.url("grpc", model), "-o", tmp_path / "out")
+    r = run_cli("infer", CLIP, "--model", served.url("grpc", model), "--out-dir", tmp_path / "out")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr
     assert not (tmp_path / "out").exists()
 
@@ -182,7 +182,7 @@ def test_server_killed_mid_run_ends_infer_with_one_line_and_closed_outputs(dynam
     source, out = long_clip(tmp_path / "long.avi"), tmp_path / "out"
     with running_server(tmp_path / "repo", tmp_path / "server.log") as server:
         client = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "infer", str(source), "--model",
-                                   server.url("grpc", "shapes"), "-o", str(out)],
+                                   server.url("grpc", "shapes"), "--out-dir", str(out)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 120
