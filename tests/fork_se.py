@@ -208,13 +208,13 @@ class HSigmoidSELayer(MobileSELayer):
 # --- checkpoints ---------------------------------------------------------------------------------------
 ANCHORS = [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119]]
 SE_SLOTS = (4, 7)  # nn.Identity layers of BASE_YAML that take a fork's SE (64 and 128 channels)
-C3_SLOT = 2  # the C3 (32 channels, 2 bottlenecks) a C3SE replaces
+C3_SLOT = 2  # the C3 (64 channels, 2 bottlenecks of 32) a C3SE replaces
 BASE_YAML = {
     "nc": 2, "depth_multiple": 1.0, "width_multiple": 1.0, "anchors": ANCHORS,
     "backbone": [
         [-1, 1, "Conv", [16, 3, 2]],  # 0 P1/2
-        [-1, 1, "Conv", [32, 3, 2]],  # 1 P2/4
-        [-1, 2, "C3", [32]],  # 2
+        [-1, 1, "Conv", [64, 3, 2]],  # 1 P2/4
+        [-1, 2, "C3", [64]],  # 2 (bottlenecks of 32 channels)
         [-1, 1, "Conv", [64, 3, 2]],  # 3 P3/8
         [-1, 1, "nn.Identity", []],  # 4 SE slot, 64 channels
         [-1, 1, "Conv", [128, 3, 2]],  # 5 P4/16
