@@ -172,7 +172,8 @@ def _read_pickle(path: Path, trust: bool):
             f"{path}: refused to unpickle global '{e.qualified_name}'{inside}: not a YOLOv5 network class, "
             f"nothing was run; {TRUST_HINT}"
         ) from None
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as e:
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError, TypeError,
+            KeyError) as e:
         first_line = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise SeDeployError(f"{path}: not a readable PyTorch checkpoint ({first_line})") from None
     except (AttributeError, ModuleNotFoundError, ImportError) as e:
@@ -254,6 +255,9 @@ def load_checkpoint(path: str | Path, *, cfg: str | Path | None = None, trust: b
             rebuild_placeholders(model)
         except SeDeployError as e:
             raise SeDeployError(f"{path}: {e}") from None
+        except (AttributeError, TypeError, ValueError, RuntimeError, KeyError) as e:  # a malformed pickled state
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise SeDeployError(f"{path}: a fork class's pickled layers are malformed ({type(e).__name__}: {first})") from None
     _restore_defaults(model)
     model = model.float().eval()
     for p in model.parameters():

@@ -18,6 +18,7 @@ The hidden width always comes from the weights. Torch is imported inside the fun
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from se_deploy.errors import SeDeployError
@@ -29,7 +30,6 @@ ASSUMED_RESIDUAL = "the SE rescales cv2's output and the residual adds x (one fo
 ASSUMED_NO_RESIDUAL = "the SE rescales cv2's output (no residual: add is False)"
 _LAYER_ATTRS = ("i", "f", "type", "np")  # what parse_model sets on every layer; DetectionModel.forward reads i, f
 _C3_CHILDREN = {"cv1", "cv2", "cv3", "m"}
-_STOCK_CHILDREN = {"Bottleneck": {"cv1", "cv2"}, "C3": _C3_CHILDREN}  # the stock blocks forks fold SE into
 
 
 class Placeholder:
@@ -127,18 +127,15 @@ class _SEMatch:
     assumed: list[str] = field(default_factory=list)
 
 
-def _leaves(children: dict, prefix: str = "", group: int | None = None, groups: list | None = None) -> list:
-    """(path, module, sequential group) for each child, looking into nn.Sequential containers."""
+def _leaves(children: dict, prefix: str = "", group: int | None = None, numbers=None) -> list:
+    """(path, module, number of the nn.Sequential holding it or None) for each child, looking into Sequentials."""
     from torch import nn
 
-    out, groups = [], groups if groups is not None else [0]
+    out, numbers = [], numbers or itertools.count()
     for name, child in children.items():
-        if child is None:
-            continue
         if type(child) is nn.Sequential:
-            groups[0] += 1
-            out += _leaves(child._modules, f"{prefix}{name}.", groups[0], groups)
-        else:
+            out += _leaves(child._modules, f"{prefix}{name}.", next(numbers), numbers)
+        elif child is not None:
             out.append((f"{prefix}{name}", child, group))
     return out
 
@@ -324,7 +321,7 @@ def _check_known(module, path: str):
         if isinstance(match, _SEMatch) and tutorial and match.layers == "linear" and not match.assumed:
             return module
         return _rebuild(module, path)
-    for cls, expected in ((Bottleneck, _STOCK_CHILDREN["Bottleneck"]), (C3, _STOCK_CHILDREN["C3"])):
+    for cls, expected in ((Bottleneck, {"cv1", "cv2"}), (C3, _C3_CHILDREN)):  # the stock blocks forks fold SE into
         extra = sorted(set(_node(module).children) - expected) if isinstance(module, cls) else []
         if extra:
             layers = ", ".join(f"{k} {_summary(getattr(module, k))}" for k in extra)

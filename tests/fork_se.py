@@ -225,23 +225,24 @@ BASE_YAML = {
 }
 
 
-def forked(name: str, cls: type) -> type:
-    """``cls`` as the fork names it: pickled as ``models.common.<name>``."""
-    return type(name, (cls,), {"__module__": "models.common", "__qualname__": name})
+def forked(name: str, cls: type, module: str = "models.common") -> type:
+    """``cls`` as the fork names it: pickled as ``<module>.<name>``."""
+    return type(name, (cls,), {"__module__": module, "__qualname__": name})
 
 
 @contextlib.contextmanager
-def fork_models_common(*classes: type):
-    """While saving, ``models.common`` is a throwaway module holding ours plus the fork's classes."""
-    real = sys.modules["models.common"]
-    fork = types.ModuleType("models.common")
-    fork.__dict__.update(vars(real))
-    fork.__dict__.update({cls.__qualname__: cls for cls in classes})
-    sys.modules["models.common"] = fork
+def fork_modules(*classes: type):
+    """While saving, ``models.common`` (or ``models.yolo``) is a throwaway module holding ours plus the
+    fork's classes; afterwards the fork's classes are importable nowhere."""
+    real = {cls.__module__: sys.modules[cls.__module__] for cls in classes}
+    for name, module in real.items():
+        fork = sys.modules[name] = types.ModuleType(name)
+        fork.__dict__.update(vars(module))
+        fork.__dict__.update({cls.__qualname__: cls for cls in classes if cls.__module__ == name})
     try:
         yield
     finally:
-        sys.modules["models.common"] = real
+        sys.modules.update(real)
 
 
 def _as_layer(module: nn.Module, like: nn.Module) -> nn.Module:
@@ -284,7 +285,7 @@ def save_fork_checkpoint(model: DetectionModel, path: Path, *classes: type, **ex
         p.requires_grad_(False)
     ckpt = {"epoch": -1, "best_fitness": None, "model": half, "ema": None, "updates": None, "optimizer": None,
             "opt": {}, "git": None, "date": "test", **extra}
-    with fork_models_common(*classes):
+    with fork_modules(*classes):
         torch.save(ckpt, path)
     return path
 

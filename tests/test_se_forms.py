@@ -40,6 +40,7 @@ from fork_se import (
 from torch import nn
 
 from models.se_blocks import SqueezeExcite
+from models.yolo import DetectionModel
 from se_deploy.checkpoint import load_checkpoint
 from se_deploy.errors import SeDeployError
 from se_deploy.export.onnx_export import export_onnx
@@ -217,6 +218,16 @@ def test_forms_beyond_the_catalogue_are_refused_in_one_line(tmp_path, case):
     assert "--trust-checkpoint with the fork's models/ importable" in line
 
 
+def test_unknown_model_class_is_refused(tmp_path):
+    segmentation = forked("SegmentationModel", DetectionModel, module="models.yolo")
+    model = fork_model()
+    model.__class__ = segmentation
+    result = run_cli("inspect", save_fork_checkpoint(model, tmp_path / "seg.pt", segmentation))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: {tmp_path / 'seg.pt'}: model is a models.yolo.SegmentationModel, "
+                                     "not a YOLOv5 DetectionModel")
+
+
 def test_se_folded_into_a_stock_block_is_refused(tmp_path):
     """An SE inside upstream's own Bottleneck: our Bottleneck's forward would silently skip it."""
     se = forked("SE", LinearSE)
@@ -268,28 +279,21 @@ def test_payload_inside_an_unknown_class_is_refused_and_never_runs(tmp_path):
 def test_numpy_values_bytes_sets_and_old_model_class_load(tmp_path):
     """numpy arrays and scalars (_reconstruct, ndarray, dtype, _codecs.encode for their bytes), sets, and
     the old ``models.yolo.Model`` name, all in one train.py-style checkpoint."""
-    import types
     import zipfile
 
-    import models.yolo
-
+    old_model = forked("Model", DetectionModel, module="models.yolo")
     model = fork_model()
-    old = types.ModuleType("models.yolo")
-    old.__dict__.update(vars(models.yolo))
-    old.Model = type("Model", (models.yolo.DetectionModel,), {"__module__": "models.yolo", "__qualname__": "Model"})
     legacy = deepcopy(model)
-    legacy.__class__ = old.Model
-    path = tmp_path / "old.pt"
-    sys.modules["models.yolo"] = old
-    try:
-        torch.save({"model": legacy.half(), "best_fitness": np.array([0.31]), "epoch": np.int64(7),
-                    "opt": {"hyp": {"lr0": np.float64(0.01)}, "classes": {1, 2}, "weights": b"\x00\xffyolo"}}, path)
-    finally:
-        sys.modules["models.yolo"] = models.yolo
+    legacy.__class__ = old_model
+    path = save_fork_checkpoint(legacy, tmp_path / "old.pt", old_model, best_fitness=np.array([0.31]),
+                                epoch=np.int64(7), opt={"hyp": {"lr0": np.float64(0.01)}, "classes": {1, 2},
+                                                        "weights": b"\x00\xffyolo"})
     with zipfile.ZipFile(path) as archive:
-        assert b"cmodels.yolo\nModel\n" in archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    assert all(name in pickled for name in (b"cmodels.yolo\nModel\n", b"c_codecs\nencode\n", b"c__builtin__\nset\n",
+                                            b"multiarray\n_reconstruct\n", b"cnumpy\ndtype\n"))
     loaded = load_checkpoint(path)
-    assert type(loaded.model) is models.yolo.DetectionModel
+    assert type(loaded.model) is DetectionModel
     assert float(loaded.extras["best_fitness"][0]) == pytest.approx(0.31) and loaded.extras["epoch"] == 7
     images = torch.rand(1, 3, IMGSZ, IMGSZ)
     with torch.no_grad():
