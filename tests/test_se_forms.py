@@ -219,6 +219,53 @@ def test_forms_beyond_the_catalogue_are_refused_in_one_line(tmp_path, case):
     assert "--trust-checkpoint with the fork's models/ importable" in line
 
 
+class _Layers(nn.Module):
+    """A fork's block made of the given layers: only its structure reaches the loader."""
+
+    def __init__(self, **layers):
+        super().__init__()
+        for name, layer in layers.items():
+            setattr(self, name, layer)
+
+    def forward(self, x):
+        return x
+
+
+def _pool():
+    return nn.AdaptiveAvgPool2d(1)
+
+
+STRUCTURES = {  # name: (layers for C channels, what the refusal says)
+    "relu-without-gate": (lambda c: dict(pool=_pool(), l1=nn.Linear(c, c // 4), relu=nn.ReLU(), l2=nn.Linear(c // 4, c)),
+                          "1 ReLU and 0 gate modules"),
+    "silu-inside-the-excitation": (lambda c: dict(pool=_pool(), l1=nn.Linear(c, c // 4), act=nn.SiLU(),
+                                                  l2=nn.Linear(c // 4, c), sig=nn.Sigmoid()), "0 ReLU and 2 gate modules"),
+    "bias-on-one-layer": (lambda c: dict(pool=_pool(), l1=nn.Linear(c, c // 4), relu=nn.ReLU(),
+                                         l2=nn.Linear(c // 4, c, bias=False), sig=nn.Sigmoid()), "one layer has a bias"),
+    "square-layers": (lambda c: dict(pool=_pool(), l1=nn.Linear(c, c), relu=nn.ReLU(), l2=nn.Linear(c, c),
+                                     sig=nn.Sigmoid()), "both layers are C x C"),
+    "widths-do-not-chain": (lambda c: dict(pool=_pool(), l1=nn.Linear(c, c // 4), relu=nn.ReLU(),
+                                           l2=nn.Linear(c // 8, c), sig=nn.Sigmoid()), "do not chain"),
+    "grouped-conv": (lambda c: dict(pool=_pool(), c1=nn.Conv2d(c, c // 4, 1, groups=2), relu=nn.ReLU(),
+                                    c2=nn.Conv2d(c // 4, c, 1, groups=2), sig=nn.Sigmoid()), "groups 2"),
+    "sequential-in-another-order": (lambda c: dict(pool=_pool(), fc=nn.Sequential(nn.Linear(c, c // 4),
+                                                   nn.Sigmoid(), nn.Linear(c // 4, c), nn.ReLU())), "another order"),
+    "parameter-of-its-own": (lambda c: dict(pool=_pool(), l1=nn.Linear(c, c // 4), relu=nn.ReLU(),
+                                            l2=nn.Linear(c // 4, c), sig=nn.Sigmoid(), scale=nn.Parameter(torch.ones(c))),
+                             "parameters/buffers of its own"),
+}
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_structures_that_cannot_be_told_are_refused(tmp_path, structure):
+    layers, reason = STRUCTURES[structure]
+    fork = forked("SE", _Layers)
+    path = save_fork_checkpoint(fork_model(lambda c: fork(**layers(c))), tmp_path / "se.pt", fork)
+    with pytest.raises(SeDeployError, match=r"models\.common\.SE at model\.4 is not an SE form") as error:
+        load_checkpoint(path)
+    assert reason in str(error.value)
+
+
 def test_unknown_model_class_is_refused(tmp_path):
     segmentation = forked("SegmentationModel", DetectionModel, module="models.yolo")
     model = fork_model()
