@@ -37,6 +37,13 @@ def se_blocks(model) -> list[dict]:
     return blocks
 
 
+def _plain(value):
+    """A checkpoint fact (a float, a numpy scalar, a 1-element array as train.py stores best_fitness) for JSON."""
+    if hasattr(value, "item") and getattr(value, "size", 1) == 1:
+        return float(value.item())
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
 def describe(loaded: LoadedModel) -> dict:
     """Everything ``inspect`` reports, as plain JSON-ready data."""
     model = loaded.model
@@ -57,5 +64,5 @@ def describe(loaded: LoadedModel) -> dict:
         "fused": not any(hasattr(m, "bn") for m in model.modules() if type(m).__name__ == "Conv"),
         "layers": layers,
         "se_blocks": se_blocks(model),
-        "checkpoint": {k: (float(v) if hasattr(v, "item") else v) for k, v in loaded.extras.items()},
+        "checkpoint": {k: _plain(v) for k, v in loaded.extras.items()},
     }

@@ -44,7 +44,7 @@ from models.yolo import DetectionModel
 from se_deploy.checkpoint import load_checkpoint
 from se_deploy.errors import SeDeployError
 from se_deploy.export.onnx_export import export_onnx
-from se_deploy.model_info import se_blocks
+from se_deploy.model_info import describe, se_blocks
 
 IMGSZ = 64
 FUNCTIONAL = "no ReLU or gate module in the pickle (forward calls them as functions): taken as ReLU then Sigmoid"
@@ -342,7 +342,8 @@ def test_numpy_values_bytes_sets_and_old_model_class_load(tmp_path):
                                             b"multiarray\n_reconstruct\n", b"cnumpy\ndtype\n"))
     loaded = load_checkpoint(path)
     assert type(loaded.model) is DetectionModel
-    assert float(loaded.extras["best_fitness"][0]) == pytest.approx(0.31) and loaded.extras["epoch"] == 7
+    assert json.loads(json.dumps(describe(loaded)["checkpoint"])) == {"best_fitness": pytest.approx(0.31), "epoch": 7,
+                                                                 "date": "test"}
     images = torch.rand(1, 3, IMGSZ, IMGSZ)
     with torch.no_grad():
         assert (loaded.model(images)[0] - reference(model)(images)[0]).abs().max() <= 1e-4
