@@ -44,6 +44,8 @@ class Conv(nn.Module):
     def forward_fuse(self, x):
         return self.act(self.conv(x))
 
+    fuseforward = forward_fuse  # YOLOv5 up to v5.0: fused checkpoints bind ``forward`` to this name
+
 
 class DWConv(Conv):
     """Depth-wise convolution."""

@@ -1,8 +1,11 @@
 """Safe loading of YOLOv5 checkpoints (``weights.pt``) into this repo's ``models`` classes.
 
 A checkpoint is a pickle, and a pickle can name any callable. ``load_checkpoint`` unpickles with an
-allowlist: tensor rebuilders, ``torch.nn`` layers, the ``models.*`` network classes and plain
-containers. Any other global is refused before it is called, with its name in the error.
+allowlist: tensor rebuilders, ``torch.nn`` layers, the ``models.*`` network classes, plain containers,
+numpy arrays, ``_codecs.encode`` only as pickles use it for bytes, and ``getattr`` only to bind a fused
+forward method. A fork's own ``models.common``/``models.yolo`` class becomes an inert placeholder that
+``se_deploy.se_forms`` rebuilds as our module when it is a known SE form. Any other global is refused
+before it is called, with its name (and, inside a fork's class, that class and its layers) in the error.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from se_deploy.errors import SeDeployError, first_line
+from se_deploy.se_forms import TRUST_HINT, Placeholder, class_name, describe_children, placeholder_class
 
 # (module, name) pairs that may be resolved besides nn layers and models.* classes.
 _SAFE_GLOBALS = {
@@ -37,19 +41,22 @@ _SAFE_GLOBALS = {
 }
 # WindowsPath (in 'opt' of checkpoints saved on Windows) cannot be built on Linux; its pure twin can.
 _RENAMED_GLOBALS = {("pathlib", "WindowsPath"): ("pathlib", "PureWindowsPath")}
-_NETWORK_MODULES = ("models.yolo", "models.common")
+_NETWORK_MODULES = ("models.yolo", "models.common", "models.se_blocks")
+# The only methods a pickle may bind with getattr: YOLOv5's fuse() sets ``forward`` to one of them.
+_BINDABLE_METHODS = frozenset({"fuseforward", "forward_fuse"})
 
 
 class RefusedGlobal(pickle.UnpicklingError):
-    """The pickle asked for a global outside the allowlist."""
+    """The pickle asked for a global outside the allowlist (``inside``: the fork class whose state held it)."""
 
-    def __init__(self, module: str, name: str):
-        super().__init__(f"{module}.{name}")
-        self.qualified_name = f"{module}.{name}"
+    def __init__(self, qualified_name: str, inside: Placeholder | None = None):
+        super().__init__(qualified_name)
+        self.qualified_name, self.inside = qualified_name, inside
 
 
-def _allowed_global(module: str, name: str):
-    """Resolve ``module.name`` if it is on the allowlist; raise RefusedGlobal otherwise."""
+def _allowed_global(module: str, name: str, unpickler: _AllowlistUnpickler):
+    """Resolve ``module.name`` if it is on the allowlist; a fork's network class becomes a placeholder;
+    anything else is refused (``unpickler.refuse``)."""
     import importlib
 
     import torch
@@ -60,18 +67,57 @@ def _allowed_global(module: str, name: str):
     module, name = _RENAMED_GLOBALS.get((module, name), (module, name))
     if (module, name) in _SAFE_GLOBALS:
         return getattr(importlib.import_module(module), name)
+    if (module, name) == ("_codecs", "encode"):
+        return unpickler.latin1_bytes
+    if (module, name) == ("builtins", "getattr"):
+        return unpickler.bind_method
     if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
         return getattr(torch, name)
     if module.startswith("torch.nn.modules.") or module in _NETWORK_MODULES:
         candidate = getattr(importlib.import_module(module), name, None)
         if isinstance(candidate, type) and issubclass(candidate, nn.Module):
             return candidate
-    raise RefusedGlobal(module, name)
+        if candidate is None and module in _NETWORK_MODULES and name.isidentifier():
+            return placeholder_class(f"{module}.{name}", unpickler.reading)
+    return unpickler.refuse(f"{module}.{name}")
 
 
 class _AllowlistUnpickler(pickle.Unpickler):
+    def __init__(self, file, **kwargs):
+        super().__init__(file, **kwargs)
+        self.reading: list[Placeholder] = []  # fork classes whose state is being read, innermost last
+        self.refused: list[tuple[str, Placeholder]] = []
+
     def find_class(self, module, name):
-        return _allowed_global(module, name)
+        return _allowed_global(module, name, self)
+
+    def load(self):
+        result = super().load()
+        if self.refused:
+            raise RefusedGlobal(*self.refused[0])
+        return result
+
+    def refuse(self, qualified_name: str):
+        """Refuse a global: at once, or inside a fork class's state once that state is read (so the error
+        can list the class's layers). Either way it is never called: an inert stand-in takes its place."""
+        if not self.reading:
+            raise RefusedGlobal(qualified_name)
+        self.refused.append((qualified_name, self.reading[-1]))
+        return placeholder_class(qualified_name)
+
+    def latin1_bytes(self, text, encoding="latin1"):
+        """``_codecs.encode`` as protocol-2 pickles use it to store bytes; no other use."""
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            return self.refuse(f"_codecs.encode(..., {encoding!r})")()
+        return text.encode("latin1")
+
+    def bind_method(self, obj, name):
+        """``getattr`` only to bind a fused forward method of one of our network classes."""
+        from torch import nn
+
+        if name in _BINDABLE_METHODS and isinstance(obj, nn.Module) and callable(getattr(type(obj), name, None)):
+            return getattr(obj, name)
+        return self.refuse(f"builtins.getattr({class_name(obj)}, {str(name)[:40]!r})")()
 
 
 def _allowlist_load(file, **kwargs):
@@ -142,11 +188,13 @@ def _read_pickle(path: Path, trust: bool):
             return torch.load(path, map_location="cpu", weights_only=False)
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_ALLOWLIST_PICKLE)
     except RefusedGlobal as e:
+        inside = f" inside {e.inside.pickled_name} ({describe_children(e.inside)})" if e.inside else ""
         raise SeDeployError(
-            f"{path}: refused to unpickle global '{e.qualified_name}' (not a YOLOv5 network class); "
-            "pass --trust-checkpoint only if you trust this file"
+            f"{path}: refused to unpickle global '{e.qualified_name}'{inside}: not a YOLOv5 network class, "
+            f"nothing was run; {TRUST_HINT}"
         ) from None
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as e:
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError, TypeError,
+            KeyError) as e:
         raise SeDeployError(f"{path}: not a readable PyTorch checkpoint ({first_line(e).split('. ')[0]})") from None
     except (AttributeError, ModuleNotFoundError, ImportError) as e:
         raise SeDeployError(f"{path}: checkpoint needs code se-deploy does not have ({e})") from None
@@ -177,13 +225,14 @@ def _pick_model(obj, cfg: Path | None, path: Path):
     import torch
     from torch import nn
 
-    if isinstance(obj, nn.Module):
+    modules = (nn.Module, Placeholder)
+    if isinstance(obj, modules):
         return obj, "pickled-model", {}
     if not isinstance(obj, dict):
         raise SeDeployError(f"{path}: holds a {type(obj).__name__}, not a YOLOv5 checkpoint")
-    extras = {k: obj[k] for k in ("epoch", "date", "best_fitness") if k in obj and not isinstance(obj[k], nn.Module)}
+    extras = {k: obj[k] for k in ("epoch", "date", "best_fitness") if k in obj and not isinstance(obj[k], modules)}
     for key in ("ema", "model"):
-        if isinstance(obj.get(key), nn.Module):
+        if isinstance(obj.get(key), modules):
             return obj[key], f"checkpoint-dict ({key})", extras
     state = obj.get("state_dict", obj)
     if state and all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -207,8 +256,12 @@ def _restore_defaults(model) -> None:
 
 
 def load_checkpoint(path: str | Path, *, cfg: str | Path | None = None, trust: bool = False, fuse: bool = True) -> LoadedModel:
-    """Load a YOLOv5 checkpoint safely; return an FP32, eval-mode (and by default fused) model."""
+    """Load a YOLOv5 checkpoint safely; return an FP32, eval-mode (and by default fused) model.
+
+    Without ``trust``, a fork's SE classes are rebuilt as our modules (``se_deploy.se_forms``).
+    """
     from models.yolo import DetectionModel
+    from se_deploy.se_forms import rebuild_placeholders
 
     path = Path(path)
     if path.is_dir():
@@ -218,7 +271,15 @@ def load_checkpoint(path: str | Path, *, cfg: str | Path | None = None, trust: b
     obj = _read_pickle(path, trust)
     model, source_format, extras = _pick_model(obj, Path(cfg) if cfg else None, path)
     if not isinstance(model, DetectionModel) or not hasattr(model, "stride"):
-        raise SeDeployError(f"{path}: model is a {type(model).__name__}, not a YOLOv5 DetectionModel")
+        raise SeDeployError(f"{path}: model is a {class_name(model)}, not a YOLOv5 DetectionModel")
+    if not trust:
+        try:
+            rebuild_placeholders(model)
+        except SeDeployError as e:
+            raise SeDeployError(f"{path}: {e}") from None
+        except (AttributeError, TypeError, ValueError, RuntimeError, KeyError) as e:  # a malformed pickled state
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise SeDeployError(f"{path}: a fork class's pickled layers are malformed ({type(e).__name__}: {first})") from None
     _restore_defaults(model)
     model = model.float().eval()
     for p in model.parameters():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx
 
-from se_deploy.export.se_graph_pass import CANONICAL, FORBIDDEN, find_se_blocks
+from se_deploy.export.se_graph_pass import FORBIDDEN, canonical, find_se_blocks
 
 SE_BLOCKS = 3  # in tiny_yaml
 ANCHORS = [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]
@@ -72,15 +72,16 @@ def save_tiny_checkpoint(path: Path, nc: int = 2, three_levels: bool = True) -> 
     return path
 
 
-def assert_canonical(model: onnx.ModelProto, expected_blocks: int) -> None:
-    """Every SE block is exactly CANONICAL: Gemm transB=1 without bias, one Unsqueeze on 2,3, x * scale."""
+def assert_canonical(model: onnx.ModelProto, expected_blocks: int, gate: str = "sigmoid", bias: bool = False) -> None:
+    """Every SE block is exactly canonical(gate): Gemm transB=1 (with a bias only if ``bias``), one Unsqueeze
+    on 2,3, x * scale."""
     blocks = find_se_blocks(model)
     assert len(blocks) == expected_blocks
     for block in blocks:
-        assert tuple(block.ops) == CANONICAL, block.ops
+        assert tuple(block.ops) == canonical(gate), block.ops
         assert block.helper_ops == [], block.helper_ops
         assert not FORBIDDEN & set(block.all_ops)
-        assert block.clean and block.problem is None
+        assert block.clean and block.problem is None and (block.gate, block.bias) == (gate, bias)
     producers = {out: node for node in model.graph.node for out in node.output}
     inits = {i.name: i for i in model.graph.initializer}
     muls = [n for n in model.graph.node if n.op_type == "Mul" and producers.get(n.input[1]) is not None
@@ -89,14 +90,17 @@ def assert_canonical(model: onnx.ModelProto, expected_blocks: int) -> None:
     for mul in muls:
         unsqueeze = producers[mul.input[1]]
         assert onnx.numpy_helper.to_array(inits[unsqueeze.input[1]]).tolist() == [2, 3]
-        sigmoid = producers[unsqueeze.input[0]]
-        gemm2 = producers[sigmoid.input[0]]
+        gate_out = producers[unsqueeze.input[0]]
+        if gate == "silu":  # v * Sigmoid(v)
+            sigmoid = producers[gate_out.input[1]]
+            assert sigmoid.op_type == "Sigmoid" and sigmoid.input[0] == gate_out.input[0]
+        gemm2 = producers[gate_out.input[0]]
         gemm1 = producers[producers[gemm2.input[0]].input[0]]
         flatten = producers[gemm1.input[0]]
         pool = producers[flatten.input[0]]
         assert pool.op_type == "GlobalAveragePool" and pool.input[0] == mul.input[0]  # the same x, broadcast Mul
         for gemm in (gemm1, gemm2):
-            assert len(gemm.input) == 2  # no bias
+            assert len(gemm.input) == (3 if bias else 2)
             assert {a.name: a.i for a in gemm.attribute if a.name in ("transA", "transB")} == {"transB": 1}
 
 

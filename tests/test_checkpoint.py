@@ -233,4 +233,6 @@ def test_inspect_json(fixtures):
     assert info["names"] == {"0": "circle", "1": "rectangle", "2": "triangle"}
     assert info["stride"] == [8, 16, 32]
     assert info["parameters"] == 1776168
-    assert info["se_blocks"] == [{"layer": 24, "module": "model.24", "channels": 256, "hidden": 16, "reduction": 16}]
+    assert info["se_blocks"] == [{"layer": 24, "module": "model.24", "class": "models.common.SEAttention", "form": "linear",
+                                  "channels": 256, "hidden": 16, "reduction": 16, "gate": "sigmoid", "bias": False,
+                                  "assumed": []}]

@@ -147,3 +147,98 @@ def test_fixture_upstream_onnx_is_cleaned(fixtures):
     assert len(after.graph.node) == len(model.graph.node) - 1
     x = ref_input("input_val3")[:1]
     np.testing.assert_array_equal(_run(after, x), _run(model, x))
+
+
+# --- every fork's SE form, exported with the fork's own classes (as upstream export.py would) -----------
+def _fork_forms():
+    from torch import nn
+
+    from fork_se import C3SE, ConvSE, LiteSEModule, MobileSELayer
+
+    return {  # name: (module on 32 channels, SE blocks in it, gate, bias)
+        "conv1x1-bias-functional": (lambda: ConvSE(32, 4), 1, "sigmoid", True),
+        "linear-bias-hardsigmoid": (lambda: MobileSELayer(32), 1, "hardsigmoid", True),
+        "conv1x1-bias-silu": (lambda: LiteSEModule(32, 4, nn.SiLU), 1, "silu", True),
+        "c3se-two-bottlenecks": (lambda: C3SE(32, 32, 2), 2, "sigmoid", False),
+    }
+
+
+FORK_FORMS = _fork_forms()
+
+
+def _after_conv(block):
+    """A conv in front of the block, so the pooled tensor is an inner value, as in a network."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), block).eval()
+
+
+def _export_module(module, dynamic: bool, dynamo: bool) -> onnx.ModelProto:
+    import torch
+
+    x = torch.rand(2 if dynamic else 1, 32, 8, 8)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            shapes = ({0: torch.export.Dim("batch", min=1, max=64)},) if dynamic else None
+            return torch.onnx.export(module, (x,), dynamo=True, opset_version=18, verbose=False,
+                                     dynamic_shapes=shapes).model_proto
+        buffer = io.BytesIO()
+        torch.onnx.export(module, x, buffer, dynamo=False, opset_version=17, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}} if dynamic else None)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.mark.parametrize("exporter, tool", [("legacy", "none"), ("legacy", "onnxsim"), ("legacy", "onnxslim"),
+                                            ("dynamo", "none")])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("form", FORK_FORMS)
+def test_every_fork_se_form_becomes_canonical_with_same_outputs(form, dynamic, exporter, tool):
+    make, blocks, gate, bias = FORK_FORMS[form]
+    before = _simplified(_export_module(_after_conv(make()), dynamic, exporter == "dynamo"), tool)
+    found = find_se_blocks(before)
+    assert [(b.gate, b.bias, b.clean) for b in found] == [(gate, bias, False)] * blocks
+
+    after, report = clean_se_blocks(before)
+
+    assert (report.found, report.rewritten) == (blocks, blocks)
+    assert_canonical(after, blocks, gate=gate, bias=bias)
+    assert not {"Conv"} & {op for b in find_se_blocks(after) for op in b.ops}  # the 1x1 Convs became Gemms
+    onnx.checker.check_model(after, full_check=True)
+    x = np.random.default_rng(0).random((3 if dynamic else 1, 32, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(_run(after, x), _run(before, x), rtol=1e-5, atol=1e-5)
+
+    again, second = clean_se_blocks(after)  # clean blocks of every gate are left as they are
+    assert (second.found, second.rewritten) == (blocks, 0)
+    assert [n.op_type for n in again.graph.node] == [n.op_type for n in after.graph.node]
+
+
+def test_convs_that_are_not_fully_connected_are_no_se_block():
+    """A grouped 'FC' conv on the pooled map, or a SiLU-like gate mixing in another tensor, is left alone."""
+    import torch
+    from torch import nn
+
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down, self.up = nn.Conv2d(8, 4, 1, groups=2), nn.Conv2d(4, 8, 1, groups=2)
+
+        def forward(self, x):
+            return x * torch.sigmoid(self.up(torch.relu(self.down(x.mean((2, 3), keepdim=True)))))
+
+    class OtherGate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down, self.up, self.other = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            scale = self.up(torch.relu(self.down(x.mean((2, 3), keepdim=True))))
+            return x * (scale * torch.sigmoid(self.other(x.mean((2, 3), keepdim=True))))
+
+    for module in (Grouped(), OtherGate()):
+        model = _export_module(nn.Sequential(nn.Conv2d(32, 8, 1), module).eval(), dynamic=False, dynamo=False)
+        after, report = clean_se_blocks(model)
+        assert report.found == 0, type(module).__name__
+        assert [n.op_type for n in after.graph.node] == [n.op_type for n in model.graph.node]

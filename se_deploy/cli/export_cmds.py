@@ -36,7 +36,7 @@ def _print_parity(report) -> None:
 
 
 def _print_export(report) -> None:
-    from se_deploy.export.se_graph_pass import CANONICAL
+    from se_deploy.export.se_graph_pass import canonical
 
     out.print(f"[bold]{report.onnx}[/bold]  opset {report.opset}, input {_dims(report.input_shape)}, "
               f"output {_dims(report.output_shape)}, {report.seconds:.1f} s")
@@ -44,7 +44,9 @@ def _print_export(report) -> None:
     simplified = f" -> {nodes['simplified']} after {report.simplifier}" if report.simplifier else " (not simplified)"
     out.print(f"  nodes: {nodes['exported']} exported{simplified} -> {nodes['final']} final")
     se = report.se
-    out.print(f"  SE blocks: {se.found} found, {se.rewritten} rewritten to {' -> '.join(CANONICAL)}"
+    gates = dict.fromkeys(block.gate for block in se.blocks) or ["sigmoid"]  # each gate once, in graph order
+    chains = " / ".join(" -> ".join(canonical(gate)) for gate in gates)
+    out.print(f"  SE blocks: {se.found} found, {se.rewritten} rewritten to {chains}"
               + (f", {len(se.skipped)} left as they were" if se.skipped else ""))
     if report.parity is not None:
         _print_parity(report.parity)

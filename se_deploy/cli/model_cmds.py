@@ -39,7 +39,18 @@ def _print_info(info: dict) -> None:
         layers.add_row(str(layer["index"]), str(layer["from"]), str(layer["repeats"]), layer["type"],
                        f"{layer['parameters']:,}")
     console.print(layers)
-    se = Table("layer", "channels", "hidden", "reduction", title=f"SE blocks ({len(info['se_blocks'])})")
+    se = Table(title=f"SE blocks ({len(info['se_blocks'])}; C channels, hidden from the weights)",
+               box=None, padding=(0, 1, 0, 0))
+    for header in ("module", "class", "form", "C", "hidden", "gate", "bias", "assumed"):
+        se.add_column(header, overflow="fold")
+    notes: list[str] = []
     for block in info["se_blocks"]:
-        se.add_row(str(block["layer"]), str(block["channels"]), str(block["hidden"]), str(block["reduction"]))
+        marks = []
+        for text in block["assumed"]:
+            notes += [text] if text not in notes else []
+            marks.append(f"\\[{notes.index(text) + 1}]")
+        se.add_row(block["module"], block["class"].rsplit(".", 1)[-1], block["form"], str(block["channels"]),
+                   str(block["hidden"]), block["gate"], "yes" if block["bias"] else "no", " ".join(marks) or "-")
     console.print(se)
+    for i, text in enumerate(notes, 1):
+        console.print(f"  assumed [{i}]: {text}", markup=False)

@@ -214,7 +214,7 @@ def export_onnx(
         notices += [f"SE block {b.name} left as it is: {b.problem}" for b in se.skipped]
         expected = len(se_blocks(loaded.model))
         if se.found < expected:
-            notices.append(f"the checkpoint has {expected} SEAttention blocks; only {se.found} found in the graph")
+            notices.append(f"the checkpoint has {expected} SE blocks; only {se.found} found in the graph")
         nodes["final"] = len(model.graph.node)
         metadata = write_metadata(model, OnnxMetadata(
             stride=stride, names=loaded.names, imgsz=imgsz, nc=int(loaded.model.model[-1].nc), batch=batch,

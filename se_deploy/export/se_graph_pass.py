@@ -1,12 +1,13 @@
 """Find every Squeeze-and-Excitation block in an ONNX graph by structure; rewrite it to one clean form.
 
 Exporters and simplifiers leave SE blocks in many shapes: GlobalAveragePool or ReduceMean, MatMul or
-Gemm (with transB 0 or 1), Reshape/Flatten/Squeeze before the first FC, Reshape/Unsqueeze/Expand
-after the Sigmoid, and with a dynamic batch Shape/Gather/Unsqueeze/Concat chains feeding those
-Reshapes and Expands. Every one of them computes ``x * sigmoid(W2 relu(W1 mean_hw(x)))``, and every
-one is rewritten to exactly ``CANONICAL``: Gemm with transB=1 (bias only if the block had one), one
-Unsqueeze on axes 2 and 3, and a broadcasting Mul. A block is recognised only when the weights and
-the (inferred) shapes of every value along it fit that computation.
+Gemm (with transB 0 or 1) or a 1x1 Conv on the pooled map, Reshape/Flatten/Squeeze before the first
+FC, Reshape/Unsqueeze/Expand after the gate, and with a dynamic batch Shape/Gather/Unsqueeze/Concat
+chains feeding those Reshapes and Expands. Every one of them computes ``x * gate(W2 relu(W1 mean_hw(x) + b1) + b2)``
+with a Sigmoid, HardSigmoid or SiLU (``v * sigmoid(v)``) gate, and every one is rewritten to exactly
+``canonical(gate)``: Gemm with transB=1 (bias only if the block had one), the gate, one Unsqueeze on
+axes 2 and 3, and a broadcasting Mul. A block is recognised only when the weights and the (inferred)
+shapes of every value along it fit that computation; SE blocks inside C3 bottlenecks are found the same way.
 """
 
 from __future__ import annotations
@@ -19,11 +20,19 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass, TopologicalSortPass
 
-CANONICAL = ("GlobalAveragePool", "Flatten", "Gemm", "Relu", "Gemm", "Sigmoid", "Unsqueeze", "Mul")
+GATE_OPS = {"sigmoid": ("Sigmoid",), "hardsigmoid": ("HardSigmoid",), "silu": ("Sigmoid", "Mul")}
+
+
+def canonical(gate: str = "sigmoid") -> tuple[str, ...]:
+    """The clean op chain of an SE block with ``gate`` ('sigmoid', 'hardsigmoid' or 'silu')."""
+    return ("GlobalAveragePool", "Flatten", "Gemm", "Relu", "Gemm", *GATE_OPS[gate], "Unsqueeze", "Mul")
+
+
+CANONICAL = canonical("sigmoid")
 # Ops that must not appear anywhere inside a clean SE block (shape plumbing and the unclean forms).
 FORBIDDEN = frozenset({"Shape", "Gather", "Expand", "Concat", "Reshape", "ReduceMean"})
 _PRE_VIEWS = {"Reshape", "Flatten", "Squeeze"}  # (N, C, 1, 1) -> (N, C) before the first FC
-_POST_VIEWS = {"Reshape", "Unsqueeze", "Expand"}  # (N, C) -> (N, C, 1, 1) or (N, C, H, W) after the Sigmoid
+_POST_VIEWS = {"Reshape", "Unsqueeze", "Expand"}  # (N, C) -> (N, C, 1, 1) or (N, C, H, W) after the gate
 # Where a shape input's computation is traced back to: tensors whose shape, not values, is read end there.
 _SHAPE_SOURCES = {"Shape", "Size"}
 
@@ -37,16 +46,19 @@ class SEBlock:
     hidden: int
     ops: list[str]  # the data path, pooling to Mul
     helper_ops: list[str]  # nodes computing shapes/axes for the data path (Shape, Gather, Concat...)
-    clean: bool  # already exactly CANONICAL
+    clean: bool  # already exactly canonical(gate)
     problem: str | None = None  # why it was left as it is (None: matched and rewritable)
+    gate: str = "sigmoid"  # 'sigmoid', 'hardsigmoid' or 'silu'
+    bias: bool = False  # the FC layers carry biases
 
     @property
     def all_ops(self) -> list[str]:
         return self.ops + self.helper_ops
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "channels": self.channels, "hidden": self.hidden, "ops": self.ops,
-                "helper_ops": self.helper_ops, "clean": self.clean, "problem": self.problem}
+        return {"name": self.name, "channels": self.channels, "hidden": self.hidden, "gate": self.gate,
+                "bias": self.bias, "ops": self.ops, "helper_ops": self.helper_ops, "clean": self.clean,
+                "problem": self.problem}
 
 
 @dataclass
@@ -77,8 +89,11 @@ class _Match:
     b1: np.ndarray | None
     w2: np.ndarray  # (channels, hidden)
     b2: np.ndarray | None
+    gate: str  # 'sigmoid', 'hardsigmoid' or 'silu'
+    gate_attrs: dict  # HardSigmoid's alpha and beta
+    conv: bool  # the FCs are 1x1 Convs reading (N, C, 1, 1)
     pre: list[ir.Value] = field(default_factory=list)  # values between pooling and the first FC
-    post: list[ir.Value] = field(default_factory=list)  # values between the Sigmoid and the Mul
+    post: list[ir.Value] = field(default_factory=list)  # values between the gate and the Mul
 
     @property
     def mul(self) -> ir.Node:
@@ -133,12 +148,34 @@ def _follow(value: ir.Value, ops: set[str], nodes: list[ir.Node], values: list[i
     return value
 
 
+def _conv_fc(node: ir.Node):
+    """A 1x1 Conv (one group, no padding) as a fully connected layer on a 1x1 map: (W, b, out) or None."""
+    w = _const(node.inputs[1])
+    pads = _attr(node, "pads") or [0]
+    if w is None or w.ndim != 4 or w.shape[2:] != (1, 1) or _attr(node, "group", 1) != 1 or any(pads):
+        return None
+    if _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return None
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = _const(node.inputs[2])
+        if bias is None or bias.size != w.shape[0]:
+            return None
+        bias = bias.reshape(-1)
+    return w.reshape(w.shape[0], w.shape[1]), bias, node.outputs[0]
+
+
 def _match_fc(value: ir.Value, nodes: list[ir.Node]):
-    """A fully connected layer reading ``value``: MatMul (+ Add bias) or Gemm. Returns (W, b, out) or None."""
+    """A fully connected layer reading ``value``: MatMul (+ Add bias), Gemm or a 1x1 Conv. Returns (W, b, out)."""
     use = _only_use(value)
     if not use or use[1] != 0:
         return None
     node = use[0]
+    if node.op_type == "Conv":
+        fc = _conv_fc(node)
+        if fc is not None:
+            nodes.append(node)
+        return fc
     if node.op_type == "MatMul":
         w = _const(node.inputs[1])
         if w is None or w.ndim != 2:
@@ -177,6 +214,30 @@ def _next(value: ir.Value, op_type: str, nodes: list[ir.Node]) -> ir.Value | Non
     return use[0].outputs[0]
 
 
+def _match_gate(value: ir.Value, nodes: list[ir.Node]) -> tuple[str, dict, ir.Value] | None:
+    """The gate reading ``value``: Sigmoid, HardSigmoid, or SiLU as ``value * Sigmoid(value)``."""
+    uses = list(value.uses())
+    if value.is_graph_output() or not 1 <= len(uses) <= 2:
+        return None
+    if len(uses) == 1:
+        node = uses[0].node
+        if node.op_type == "Sigmoid":
+            nodes.append(node)
+            return "sigmoid", {}, node.outputs[0]
+        if node.op_type == "HardSigmoid":
+            nodes.append(node)
+            return "hardsigmoid", {"alpha": _attr(node, "alpha", 0.2), "beta": _attr(node, "beta", 0.5)}, node.outputs[0]
+        return None
+    sigmoid = next((u.node for u in uses if u.node.op_type == "Sigmoid"), None)
+    mul = next((u.node for u in uses if u.node.op_type == "Mul"), None)
+    if sigmoid is None or mul is None or _only_use(sigmoid.outputs[0]) is None:
+        return None
+    if _only_use(sigmoid.outputs[0])[0] is not mul or {id(v) for v in mul.inputs} != {id(value), id(sigmoid.outputs[0])}:
+        return None
+    nodes += [sigmoid, mul]
+    return "silu", {}, mul.outputs[0]
+
+
 def _match(pool: ir.Node) -> _Match | None:
     """The SE block starting at ``pool``, or None when the structure around it is not an SE block."""
     if not _is_global_pool(pool):
@@ -185,12 +246,16 @@ def _match(pool: ir.Node) -> _Match | None:
     value = _follow(pool.outputs[0], _PRE_VIEWS, nodes, pre)
     if (fc1 := _match_fc(value, nodes)) is None:
         return None
+    conv = nodes[-1].op_type == "Conv"
     w1, b1, value = fc1
     if (value := _next(value, "Relu", nodes)) is None or (fc2 := _match_fc(value, nodes)) is None:
         return None
-    w2, b2, value = fc2
-    if (value := _next(value, "Sigmoid", nodes)) is None:
+    if (nodes[-1].op_type == "Conv") != conv:
         return None
+    w2, b2, value = fc2
+    if (gate := _match_gate(value, nodes)) is None:
+        return None
+    gate_name, gate_attrs, value = gate
     value = _follow(value, _POST_VIEWS, nodes, post)
     use = _only_use(value)
     if not use or use[0].op_type != "Mul" or use[0].inputs[1 - use[1]] is not x:
@@ -198,7 +263,7 @@ def _match(pool: ir.Node) -> _Match | None:
     if w2.shape != w1.shape[::-1]:
         return None
     nodes.append(use[0])
-    return _Match(x, nodes, w1, b1, w2, b2, pre, post or [value])
+    return _Match(x, nodes, w1, b1, w2, b2, gate_name, gate_attrs, conv, pre, post or [value])
 
 
 def _helpers(match: _Match) -> list[ir.Node]:
@@ -230,8 +295,9 @@ def _shape_problem(match: _Match) -> str | None:
         dims = _dims(value)
         if dims is None or dims[1:] not in ([channels], [channels, 1, 1]):
             return f"pooled value {value.name} has shape {dims}, not (N, {channels}[, 1, 1])"
-    if _dims(match.pre[-1])[1:] != [channels]:
-        return f"first FC reads shape {_dims(match.pre[-1])}, not (N, {channels})"
+    reads = [channels, 1, 1] if match.conv else [channels]
+    if _dims(match.pre[-1])[1:] != reads:
+        return f"first FC reads shape {_dims(match.pre[-1])}, not (N, {', '.join(map(str, reads))})"
     for value in match.post:
         dims = _dims(value)
         expanded = value.producer() is not None and value.producer().op_type == "Expand"
@@ -242,9 +308,9 @@ def _shape_problem(match: _Match) -> str | None:
 
 def _is_clean(match: _Match, helpers: list[ir.Node]) -> bool:
     ops = tuple(n.op_type for n in match.nodes)
-    if ops != CANONICAL or helpers:
+    if ops != canonical(match.gate) or helpers:
         return False
-    flatten, gemm1, gemm2, unsqueeze = (match.nodes[i] for i in (1, 2, 4, 6))
+    flatten, gemm1, gemm2, unsqueeze = (match.nodes[i] for i in (1, 2, 4, -2))
     gemms_ok = all(_attr(g, "transB", 0) == 1 and not _attr(g, "transA", 0) and _attr(g, "alpha", 1.0) == 1.0
                    and _attr(g, "beta", 1.0) == 1.0 for g in (gemm1, gemm2))
     return gemms_ok and _attr(flatten, "axis", 1) == 1 and sorted(a % 4 for a in (_axes(unsqueeze) or [])) == [2, 3]
@@ -283,7 +349,7 @@ def _initializer(graph: ir.Graph, names: _Names, name: str, array: np.ndarray) -
 
 
 def _rewrite(graph: ir.Graph, match: _Match, scope: str, opset: int, names: _Names) -> None:
-    """Replace the matched block's data path with CANONICAL."""
+    """Replace the matched block's data path with canonical(match.gate)."""
 
     def add(op, inputs, attributes=None):
         node = ir.node(op, inputs, attributes, name=names(f"{scope}/{op}"))
@@ -302,7 +368,10 @@ def _rewrite(graph: ir.Graph, match: _Match, scope: str, opset: int, names: _Nam
         value = add("Gemm", inputs, {"transB": 1})
         if i == 1:
             value = add("Relu", [value])
-    value = add("Sigmoid", [value])
+    if match.gate == "silu":
+        value = add("Mul", [value, add("Sigmoid", [value])])
+    else:
+        value = add("HardSigmoid" if match.gate == "hardsigmoid" else "Sigmoid", [value], match.gate_attrs or None)
     if opset >= 13:
         axes = _initializer(graph, names, f"{scope}/unsqueeze_axes", np.array([2, 3], np.int64))
         value = add("Unsqueeze", [value, axes])
@@ -325,7 +394,8 @@ def _scan(model: ir.Model) -> list[tuple[_Match, SEBlock]]:
         block = SEBlock(
             name=_scope(match.nodes, len(found)), channels=int(match.w1.shape[1]), hidden=int(match.w1.shape[0]),
             ops=[n.op_type for n in match.nodes], helper_ops=[n.op_type for n in helpers],
-            clean=_is_clean(match, helpers), problem=_shape_problem(match),
+            clean=_is_clean(match, helpers), problem=_shape_problem(match), gate=match.gate,
+            bias=match.b1 is not None or match.b2 is not None,
         )
         found.append((match, block))
     return found
@@ -337,7 +407,7 @@ def find_se_blocks(model: onnx.ModelProto) -> list[SEBlock]:
 
 
 def clean_se_blocks(model: onnx.ModelProto) -> tuple[onnx.ModelProto, SERewrite]:
-    """Rewrite every SE block to CANONICAL; returns the new model and what was found and rewritten.
+    """Rewrite every SE block to canonical(gate); returns the new model and what was found and rewritten.
 
     Blocks already in canonical form are left as they are; blocks whose shapes cannot be proven to
     fit are left as they are and reported with the reason (``SERewrite.skipped``).
