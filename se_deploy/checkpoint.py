@@ -278,8 +278,8 @@ def load_checkpoint(path: str | Path, *, cfg: str | Path | None = None, trust: b
         except SeDeployError as e:
             raise SeDeployError(f"{path}: {e}") from None
         except (AttributeError, TypeError, ValueError, RuntimeError, KeyError) as e:  # a malformed pickled state
-            first = (str(e).splitlines() or [""])[0][:200]
-            raise SeDeployError(f"{path}: a fork class's pickled layers are malformed ({type(e).__name__}: {first})") from None
+            raise SeDeployError(f"{path}: a fork class's pickled layers are malformed "
+                                f"({type(e).__name__}: {first_line(e)})") from None
     _restore_defaults(model)
     model = model.float().eval()
     for p in model.parameters():

@@ -286,8 +286,8 @@ def _run_modelopt(model: Path, src: Path, raw: Path, kept: list[str], reader, ca
     except SeDeployError:
         raise  # e.g. a calibration image that cannot be read
     except Exception as e:  # ModelOpt and ONNX Runtime raise many types for graphs they cannot handle
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise SeDeployError(f"{model}: ModelOpt could not make the {precision} model ({type(e).__name__}: {first})") from None
+        raise SeDeployError(f"{model}: ModelOpt could not make the {precision} model "
+                            f"({type(e).__name__}: {first_line(e)})") from None
 
 
 def _write_metadata(model: onnx.ModelProto, source: onnx.ModelProto, props: dict[str, str]) -> None:

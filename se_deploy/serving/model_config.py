@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from se_deploy.errors import SeDeployError
+from se_deploy.errors import SeDeployError, first_line
 
 PARAMETER_PREFIX = "se_deploy."  # config parameters se-deploy writes and reads back (names, stride, role, ...)
 QUEUE_DELAY_US = 1000  # how long the dynamic batcher waits for more requests to fill a batch
@@ -162,19 +162,19 @@ def _tensor(pb, message, tensor: Tensor):
 def _base(name: str, max_batch: int, instances: int, kind: str, params: dict[str, object]):
     """A config with the parts every batching model shares: batch size, batcher, instances, parameters."""
     pb = config_pb2()
-    config = pb.ModelConfig(name=name, max_batch_size=max_batch)
+    model_config = pb.ModelConfig(name=name, max_batch_size=max_batch)
     sizes = [size for size in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if size < max_batch] + [max_batch]
-    config.dynamic_batching.preferred_batch_size.extend(sizes if max_batch > 1 else [])
-    config.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_US
-    config.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.Kind.Value(kind))
+    model_config.dynamic_batching.preferred_batch_size.extend(sizes if max_batch > 1 else [])
+    model_config.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_US
+    model_config.instance_group.add(count=instances, kind=pb.ModelInstanceGroup.Kind.Value(kind))
     for key, value in params.items():
-        config.parameters[PARAMETER_PREFIX + key].string_value = value if isinstance(value, str) else json.dumps(value)
-    return pb, config
+        model_config.parameters[PARAMETER_PREFIX + key].string_value = value if isinstance(value, str) else json.dumps(value)
+    return pb, model_config
 
 
-def _warmup(pb, config, tensors: list[Tensor], data_file: str | None = None) -> None:
+def _warmup(pb, model_config, tensors: list[Tensor], data_file: str | None = None) -> None:
     """One batch-1 warm-up request: zeros, or ``data_file`` from the model's warmup/ folder."""
-    warmup = config.model_warmup.add(name="warmup", batch_size=1, count=1)
+    warmup = model_config.model_warmup.add(name="warmup", batch_size=1, count=1)
     for tensor in tensors:
         item = warmup.inputs[tensor.name]
         item.data_type = pb.DataType.Value(TRITON_DTYPES[tensor.dtype])
@@ -193,81 +193,81 @@ def detector_params(det: Detector, role: str) -> dict[str, object]:
 def detector_config(det: Detector, name: str, max_batch: int, instances: int, cpu: bool = False,
                     trt_accelerator: str | None = None):
     """The detector: ONNX Runtime or TensorRT backend on the GPU, or the python backend (ONNX Runtime) on the CPU."""
-    pb, config = _base(name, max_batch, instances, "KIND_CPU" if cpu else "KIND_GPU", detector_params(det, "detector"))
+    pb, model_config = _base(name, max_batch, instances, "KIND_CPU" if cpu else "KIND_GPU", detector_params(det, "detector"))
     if cpu:
-        config.backend = "python"
+        model_config.backend = "python"
     else:
-        config.platform = "onnxruntime_onnx" if det.kind == "onnx" else "tensorrt_plan"
-    _tensor(pb, config.input.add(), det.input)
-    _tensor(pb, config.output.add(), det.output).label_filename = LABELS_FILE
+        model_config.platform = "onnxruntime_onnx" if det.kind == "onnx" else "tensorrt_plan"
+    _tensor(pb, model_config.input.add(), det.input)
+    _tensor(pb, model_config.output.add(), det.output).label_filename = LABELS_FILE
     if trt_accelerator:
-        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        accelerator = model_config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
         accelerator.parameters["precision_mode"] = trt_accelerator.upper()
-    _warmup(pb, config, [det.input])
-    return config
+    _warmup(pb, model_config, [det.input])
+    return model_config
 
 
 def preprocess_config(det: Detector, name: str, max_batch: int, instances: int, imgsz: tuple[int, int]):
     """Encoded image bytes -> the detector's letterboxed input and the letterbox geometry."""
-    pb, config = _base(name, max_batch, instances, "KIND_CPU", {"role": "preprocess", "imgsz": list(imgsz)})
-    config.backend = "python"
+    pb, model_config = _base(name, max_batch, instances, "KIND_CPU", {"role": "preprocess", "imgsz": list(imgsz)})
+    model_config.backend = "python"
     image = Tensor(IMAGE, "bytes", (1,))
-    _tensor(pb, config.input.add(), image)
-    _tensor(pb, config.output.add(), Tensor(det.input.name, det.input.dtype, (3, *imgsz)))
-    _tensor(pb, config.output.add(), Tensor(LETTERBOX, "float64", (5,)))
-    _warmup(pb, config, [image], WARMUP_IMAGE)
-    return config
+    _tensor(pb, model_config.input.add(), image)
+    _tensor(pb, model_config.output.add(), Tensor(det.input.name, det.input.dtype, (3, *imgsz)))
+    _tensor(pb, model_config.output.add(), Tensor(LETTERBOX, "float64", (5,)))
+    _warmup(pb, model_config, [image], WARMUP_IMAGE)
+    return model_config
 
 
 def postprocess_config(det: Detector, name: str, max_batch: int, instances: int, conf: float, iou: float,
                        max_det: int):
     """Raw predictions + letterbox geometry -> NMS'd boxes in original-image pixels, their class names, a count."""
-    pb, config = _base(name, max_batch, instances, "KIND_CPU",
+    pb, model_config = _base(name, max_batch, instances, "KIND_CPU",
                        {"role": "postprocess", "conf": conf, "iou": iou, "max_det": max_det})
-    config.backend = "python"
+    model_config.backend = "python"
     inputs = [Tensor(PREDICTIONS, det.output.dtype, det.output.dims), Tensor(LETTERBOX, "float64", (5,))]
     for tensor in inputs:
-        _tensor(pb, config.input.add(), tensor)
-    _tensor(pb, config.output.add(), Tensor(DETECTIONS, "float32", (-1, 6)))
-    _tensor(pb, config.output.add(), Tensor(DETECTION_NAMES, "bytes", (-1,)))
-    _tensor(pb, config.output.add(), Tensor(COUNT, "int32", (1,)))
-    _warmup(pb, config, inputs)
-    return config
+        _tensor(pb, model_config.input.add(), tensor)
+    _tensor(pb, model_config.output.add(), Tensor(DETECTIONS, "float32", (-1, 6)))
+    _tensor(pb, model_config.output.add(), Tensor(DETECTION_NAMES, "bytes", (-1,)))
+    _tensor(pb, model_config.output.add(), Tensor(COUNT, "int32", (1,)))
+    _warmup(pb, model_config, inputs)
+    return model_config
 
 
 def ensemble_config(det: Detector, name: str, max_batch: int, pre: str, detector: str, post: str):
     """JPEG/PNG bytes in, detections out: pre-processing -> detector -> post-processing as one model."""
     pb = config_pb2()
-    config = pb.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch)
-    config.parameters[PARAMETER_PREFIX + "role"].string_value = "e2e"
-    _tensor(pb, config.input.add(), Tensor(IMAGE, "bytes", (1,)))
-    _tensor(pb, config.output.add(), Tensor(DETECTIONS, "float32", (-1, 6)))
-    _tensor(pb, config.output.add(), Tensor(DETECTION_NAMES, "bytes", (-1,)))
-    _tensor(pb, config.output.add(), Tensor(COUNT, "int32", (1,)))
-    steps = config.ensemble_scheduling.step
+    model_config = pb.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch)
+    model_config.parameters[PARAMETER_PREFIX + "role"].string_value = "e2e"
+    _tensor(pb, model_config.input.add(), Tensor(IMAGE, "bytes", (1,)))
+    _tensor(pb, model_config.output.add(), Tensor(DETECTIONS, "float32", (-1, 6)))
+    _tensor(pb, model_config.output.add(), Tensor(DETECTION_NAMES, "bytes", (-1,)))
+    _tensor(pb, model_config.output.add(), Tensor(COUNT, "int32", (1,)))
+    steps = model_config.ensemble_scheduling.step
     steps.add(model_name=pre, model_version=-1, input_map={IMAGE: IMAGE},
               output_map={det.input.name: "preprocessed", LETTERBOX: LETTERBOX})
     steps.add(model_name=detector, model_version=-1, input_map={det.input.name: "preprocessed"},
               output_map={det.output.name: "raw"})
     steps.add(model_name=post, model_version=-1, input_map={PREDICTIONS: "raw", LETTERBOX: LETTERBOX},
               output_map={DETECTIONS: DETECTIONS, DETECTION_NAMES: DETECTION_NAMES, COUNT: COUNT})
-    return config
+    return model_config
 
 
 # --- checking -----------------------------------------------------------------------------------------------
-def check_config(config, models: dict | None = None) -> list[str]:
-    """What Triton would refuse in ``config`` (empty: nothing). ``models`` maps names to the repository's configs,
+def check_config(model_config, models: dict | None = None) -> list[str]:
+    """What Triton would refuse in ``model_config`` (empty: nothing). ``models`` maps names to the repository's configs,
     for an ensemble's steps."""
     pb = config_pb2()
     problems = []
-    where = f"model '{config.name}'"
-    if not config.name or "/" in config.name:
+    where = f"model '{model_config.name}'"
+    if not model_config.name or "/" in model_config.name:
         problems.append(f"{where}: a model name must be non-empty and hold no '/'")
-    if config.platform != "ensemble" and bool(config.platform) == bool(config.backend):
+    if model_config.platform != "ensemble" and bool(model_config.platform) == bool(model_config.backend):
         problems.append(f"{where}: exactly one of platform and backend must be set")
-    if config.max_batch_size < 0:
+    if model_config.max_batch_size < 0:
         problems.append(f"{where}: max_batch_size must be at least 0")
-    for kind, tensors in (("input", config.input), ("output", config.output)):
+    for kind, tensors in (("input", model_config.input), ("output", model_config.output)):
         names = [t.name for t in tensors]
         if not names or len(set(names)) != len(names) or not all(names):
             problems.append(f"{where}: {kind} names must be present and unique, got {names}")
@@ -276,63 +276,63 @@ def check_config(config, models: dict | None = None) -> list[str]:
                 problems.append(f"{where}: {kind} '{t.name}' has no data type")
             if not t.dims or any(d == 0 or d < -1 for d in t.dims):
                 problems.append(f"{where}: {kind} '{t.name}' dims {list(t.dims)}: each must be -1 or at least 1")
-    if config.HasField("dynamic_batching"):
-        if config.max_batch_size == 0:
+    if model_config.HasField("dynamic_batching"):
+        if model_config.max_batch_size == 0:
             problems.append(f"{where}: dynamic batching needs max_batch_size > 0")
-        bad = [s for s in config.dynamic_batching.preferred_batch_size if not 1 <= s <= config.max_batch_size]
+        bad = [s for s in model_config.dynamic_batching.preferred_batch_size if not 1 <= s <= model_config.max_batch_size]
         if bad:
-            problems.append(f"{where}: preferred batch sizes {bad} outside 1..{config.max_batch_size}")
-    if any(group.count < 1 for group in config.instance_group):
+            problems.append(f"{where}: preferred batch sizes {bad} outside 1..{model_config.max_batch_size}")
+    if any(group.count < 1 for group in model_config.instance_group):
         problems.append(f"{where}: every instance group needs a count of at least 1")
-    inputs = {t.name: t for t in config.input}
-    for warmup in config.model_warmup:
-        if not 1 <= warmup.batch_size <= max(config.max_batch_size, 1) or set(warmup.inputs) != set(inputs):
+    inputs = {t.name: t for t in model_config.input}
+    for warmup in model_config.model_warmup:
+        if not 1 <= warmup.batch_size <= max(model_config.max_batch_size, 1) or set(warmup.inputs) != set(inputs):
             problems.append(f"{where}: warm-up '{warmup.name}' must give every input, in a batch the model takes")
         problems += [f"{where}: warm-up input '{key}' has another data type than the input"
                      for key, item in warmup.inputs.items() if key in inputs and item.data_type != inputs[key].data_type]
-    if config.platform == "ensemble":
-        problems += _check_ensemble(config, models or {})
+    if model_config.platform == "ensemble":
+        problems += _check_ensemble(model_config, models or {})
     return problems
 
 
-def _check_ensemble(config, models: dict) -> list[str]:
+def _check_ensemble(model_config, models: dict) -> list[str]:
     """Every step's model exists and batches as far as the ensemble; every tensor is produced before it is used."""
-    problems, available = [], {t.name for t in config.input}
-    if not config.ensemble_scheduling.step:
-        return [f"ensemble '{config.name}': no steps"]
-    for step in config.ensemble_scheduling.step:
+    problems, available = [], {t.name for t in model_config.input}
+    if not model_config.ensemble_scheduling.step:
+        return [f"ensemble '{model_config.name}': no steps"]
+    for step in model_config.ensemble_scheduling.step:
         model = models.get(step.model_name)
         if model is None:
-            problems.append(f"ensemble '{config.name}': step model '{step.model_name}' is not in the repository")
+            problems.append(f"ensemble '{model_config.name}': step model '{step.model_name}' is not in the repository")
             continue
-        if model.max_batch_size < config.max_batch_size:
-            problems.append(f"ensemble '{config.name}': '{step.model_name}' batches up to {model.max_batch_size}, "
-                            f"less than the ensemble's {config.max_batch_size}")
+        if model.max_batch_size < model_config.max_batch_size:
+            problems.append(f"ensemble '{model_config.name}': '{step.model_name}' batches up to {model.max_batch_size}, "
+                            f"less than the ensemble's {model_config.max_batch_size}")
         missing = [v for v in step.input_map.values() if v not in available]
         unknown = ([k for k in step.input_map if k not in {t.name for t in model.input}]
                    + [k for k in step.output_map if k not in {t.name for t in model.output}])
         if missing or unknown:
-            problems.append(f"ensemble '{config.name}': step '{step.model_name}' uses tensors not yet made {missing} "
+            problems.append(f"ensemble '{model_config.name}': step '{step.model_name}' uses tensors not yet made {missing} "
                             f"or names the model lacks {unknown}")
         available |= set(step.output_map.values())
-    missing = [t.name for t in config.output if t.name not in available]
+    missing = [t.name for t in model_config.output if t.name not in available]
     if missing:
-        problems.append(f"ensemble '{config.name}': outputs {missing} are made by no step")
+        problems.append(f"ensemble '{model_config.name}': outputs {missing} are made by no step")
     return problems
 
 
-def config_text(config, models: dict | None = None) -> str:
+def config_text(model_config, models: dict | None = None) -> str:
     """``config`` as config.pbtxt text, refused unless it parses back identically with Triton's schema and passes
     ``check_config``."""
     from google.protobuf import text_format
 
     pb = config_pb2()
-    text = text_format.MessageToString(config)
+    text = text_format.MessageToString(model_config)
     parsed = text_format.Parse(text, pb.ModelConfig())
-    problems = ([] if parsed == config else ["the text does not parse back to the same config"]) + check_config(
+    problems = ([] if parsed == model_config else ["the text does not parse back to the same config"]) + check_config(
         parsed, models)
     if problems:
-        raise SeDeployError(f"config.pbtxt of '{config.name}' would not load in Triton: {'; '.join(problems)}")
+        raise SeDeployError(f"config.pbtxt of '{model_config.name}' would not load in Triton: {'; '.join(problems)}")
     return text
 
 
@@ -345,10 +345,10 @@ def parse_config(path: str | Path):
     try:
         return text_format.Parse(path.read_text(encoding="utf-8"), pb.ModelConfig())
     except (OSError, UnicodeDecodeError, text_format.ParseError) as e:
-        raise SeDeployError(f"{path}: not a readable Triton model config ({str(e).splitlines()[0][:200]})") from None
+        raise SeDeployError(f"{path}: not a readable Triton model config ({first_line(e)})") from None
 
 
-def parameters(config) -> dict[str, str]:
+def parameters(model_config) -> dict[str, str]:
     """The se-deploy parameters of a config, without their prefix."""
-    return {k[len(PARAMETER_PREFIX):]: v.string_value for k, v in config.parameters.items()
+    return {k[len(PARAMETER_PREFIX):]: v.string_value for k, v in model_config.parameters.items()
             if k.startswith(PARAMETER_PREFIX)}

@@ -77,8 +77,8 @@ def read_repository(path: str | Path) -> dict[str, object]:
                             "config.pbtxt)")
     configs = {}
     for folder in sorted(p for p in path.iterdir() if not p.name.startswith(".")):
-        config = mc.parse_config(folder / "config.pbtxt")
-        configs[config.name or folder.name] = config
+        model_config = mc.parse_config(folder / "config.pbtxt")
+        configs[model_config.name or folder.name] = model_config
     if not configs:
         raise SeDeployError(f"{path}: the model repository is empty (write one with `se-deploy triton MODEL`)")
     return configs
@@ -129,10 +129,10 @@ def _copy_processing_code(version_dir: Path) -> None:
         shutil.copyfile(package / module, target)
 
 
-def _write_model(root: Path, config, models: dict, files: dict[str, bytes | Path]) -> None:
+def _write_model(root: Path, model_config, models: dict, files: dict[str, bytes | Path]) -> None:
     """A model folder: config.pbtxt (checked first) and ``files`` (relative path -> bytes or a file to copy)."""
-    text = mc.config_text(config, models)
-    folder = root / config.name
+    text = mc.config_text(model_config, models)
+    folder = root / model_config.name
     (folder / "1").mkdir(parents=True)
     (folder / "config.pbtxt").write_text(text, encoding="utf-8")
     for relative, content in files.items():
@@ -144,16 +144,16 @@ def _write_model(root: Path, config, models: dict, files: dict[str, bytes | Path
             target.write_bytes(content)
 
 
-def _describe(config) -> dict:
+def _describe(model_config) -> dict:
     pb = mc.config_pb2()
 
     def tensors(items):
         return [{"name": t.name, "datatype": pb.DataType.Name(t.data_type).removeprefix("TYPE_"),
                  "dims": list(t.dims)} for t in items]
 
-    return {"name": config.name, "role": mc.parameters(config).get("role", ""),
-            "platform": config.platform or config.backend, "max_batch_size": config.max_batch_size,
-            "inputs": tensors(config.input), "outputs": tensors(config.output)}
+    return {"name": model_config.name, "role": mc.parameters(model_config).get("role", ""),
+            "platform": model_config.platform or model_config.backend, "max_batch_size": model_config.max_batch_size,
+            "inputs": tensors(model_config.input), "outputs": tensors(model_config.output)}
 
 
 def build_repository(root: Path, det: mc.Detector, name: str, max_batch: int, instances: int, e2e: bool, cpu: bool,
@@ -174,16 +174,16 @@ def build_repository(root: Path, det: mc.Detector, name: str, max_batch: int, in
             (mc.postprocess_config(det, post, max_batch, instances, conf, iou, max_det),
              {"1/model.py": PYTHON_MODELS / "postprocess.py", mc.LABELS_FILE: labels}),
         ]
-        step_models = {config.name: config for config, _ in configs}
+        step_models = {model_config.name: model_config for model_config, _ in configs}
         configs.append((mc.ensemble_config(det, f"{name}_e2e", max_batch, pre, name, post), {}))
     else:
         step_models = {}
-    for config, model_files in configs:
-        _write_model(root, config, step_models, model_files)
+    for model_config, model_files in configs:
+        _write_model(root, model_config, step_models, model_files)
     if e2e:
         for model in (f"{name}_pre", f"{name}_post"):
             _copy_processing_code(root / model / "1")
-    return [_describe(config) for config, _ in configs]
+    return [_describe(model_config) for model_config, _ in configs]
 
 
 def _swap_in(built: Path, output: Path) -> list[str]:

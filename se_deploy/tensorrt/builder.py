@@ -219,10 +219,10 @@ def configure(trt, builder, config, plan: BuildPlan) -> None:
     if plan.dla_core is not None:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = plan.dla_core
-    for name in plan.flags:
-        config.set_flag(getattr(trt.BuilderFlag, name))
-    for name in plan.cleared_flags:
-        config.clear_flag(getattr(trt.BuilderFlag, name))
+    if "GPU_FALLBACK" in plan.flags:
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    if "TF32" in plan.cleared_flags:
+        config.clear_flag(trt.BuilderFlag.TF32)
 
 
 def _progress_monitor(trt, on_phase: OnPhase):
