@@ -215,6 +215,27 @@ def trt_dynamic(dynamic: Path, tmp: Path):
             f"max |batch3 - 3x batch1| {np.abs(together - alone).max():.2e}; timing cache {cache.name}")
 
 
+@step("TensorRT dynamic size: --dynamic-size export, profile 128..320 px, two sizes vs ONNX Runtime CPU")
+def trt_dynamic_size(tmp: Path):
+    from se_deploy.export.onnx_export import export_onnx
+    from se_deploy.runners import load_runner
+    from se_deploy.tensorrt.builder import build_engine
+
+    if importlib.util.find_spec("tensorrt") is None:
+        raise Skip("tensorrt is not installed")
+    onnx_path = export_onnx(DEMO_WEIGHTS, tmp / "shapes-any.onnx", imgsz=IMGSZ, dynamic_size=True, check=False).onnx
+    built = build_engine(onnx_path, tmp / "any.engine", imgsz=(256, 320), min_imgsz=128, max_imgsz=IMGSZ,
+                         max_batch=2, directory=tmp)
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    with load_runner(built.engine) as engine, load_runner(onnx_path, device="cpu") as reference:
+        for hw in ((256, 320), (160, 224)):
+            x = rng.random((2, 3, *hw), dtype=np.float32)
+            worst = max(worst, float(np.abs(engine.infer(x)[..., 4:] - reference.infer(x)[..., 4:]).max()))
+    return ("verified" if worst < 1e-2 else "FAILED",
+            f"size profile {built.manifest['size_profile']}; max score difference {worst:.2e}")
+
+
 @step("TensorRT runner refuses an engine whose manifest names another TensorRT")
 def trt_guard(engine: Path, tmp: Path):
     import json
@@ -252,6 +273,7 @@ def main() -> int:
             engine = trt_fp16(static, tmp)
             trt_int8(static, tmp)
             trt_dynamic(dynamic, tmp)
+            trt_dynamic_size(tmp)
             trt_guard(engine, tmp)
     counts = {s: sum(r[0] == s for r in results) for s in ("verified", "skipped", "FAILED")}
     print(f"\n{counts['verified']} verified, {counts['skipped']} skipped, {counts['FAILED']} failed "

@@ -3,6 +3,7 @@ against its range before any work, one `error:` line (exit 2) for bad input, old
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import zipfile
 from pathlib import Path
@@ -63,6 +64,28 @@ def test_help_of_every_command_follows_the_rules():
                                             ("tensorrt", "tensorrt")])
 def test_device_spellings(text, expected):
     assert parse_device(text) == expected
+
+
+def test_a_device_number_reaches_onnx_runtime_as_the_device_id():
+    from se_deploy.runners.onnxruntime_runner import candidate_providers
+
+    available = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert candidate_providers("cuda:1", available) == [("CUDAExecutionProvider", {"device_id": 1}),
+                                                        "CPUExecutionProvider"]
+    assert candidate_providers("cpu", available) == ["CPUExecutionProvider"]
+
+
+@pytest.mark.skipif(ctypes.util.find_library("cuda") is not None, reason="a CUDA driver is present here")
+@pytest.mark.parametrize("model, device, expected", [
+    (UPSTREAM_ONNX, "0", "--device cuda:0: ONNX Runtime could not use CUDAExecutionProvider here"),
+    (UPSTREAM_ONNX, "tensorrt", "--device tensorrt: ONNX Runtime could not use TensorrtExecutionProvider here"),
+    (CHECKPOINT, "tensorrt", "--device tensorrt: a .pt checkpoint runs on PyTorch, on cpu or cuda[:N]"),
+    (CHECKPOINT, "cuda:0", "--device cuda:0: PyTorch sees no CUDA GPU"),
+])
+def test_a_device_this_machine_lacks_is_one_line_and_stdout_stays_clean(model, device, expected):
+    proc = run_cli("bench", "-m", model, "--device", device, "--iters", "1", "--json")
+    _refused(proc, expected)
+    assert proc.stdout == ""  # ONNX Runtime's "EP Error ... Falling back" text never reaches stdout
 
 
 # bad numeric options: one line, exit 2, nothing written ------------------------------------------------

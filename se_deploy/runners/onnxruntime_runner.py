@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import ctypes.util
+import io
 
 import numpy as np
 
@@ -22,15 +24,19 @@ def _gpu_driver_present() -> bool:
     return ctypes.util.find_library("cuda") is not None
 
 
-def candidate_providers(device: str | None, available: list[str]) -> list[str]:
-    """Providers to request, best first, for ``device`` ('tensorrt', 'cuda', 'cpu' or None = best)."""
+def candidate_providers(device: str | None, available: list[str]) -> list:
+    """Providers to request, best first, for ``device`` ('tensorrt', 'cuda', 'cuda:N', 'cpu' or None = best);
+    a device number goes to the GPU providers as their ``device_id``."""
+    kind, _, index = (device or "").partition(":")
     if device is None:
         wanted = ["tensorrt", "cuda", "cpu"] if _gpu_driver_present() else ["cpu"]
-    elif device in _PROVIDERS:
-        wanted = [device, "cpu"] if device != "cpu" else ["cpu"]
+    elif kind in _PROVIDERS and (not index or (index.isdigit() and kind == "cuda")):
+        wanted = [kind, "cpu"] if kind != "cpu" else ["cpu"]
     else:
-        raise SeDeployError(f"--device {device}: expected one of {', '.join(_PROVIDERS)}")
-    return [_PROVIDERS[w] for w in wanted if _PROVIDERS[w] in available]
+        raise SeDeployError(f"--device {device}: ONNX Runtime runs on cpu, cuda, cuda:N or tensorrt")
+    options = {"device_id": int(index)} if index else None
+    return [(_PROVIDERS[w], options) if options and w != "cpu" else _PROVIDERS[w]
+            for w in wanted if _PROVIDERS[w] in available]
 
 
 def model_precision(model_path) -> str:
@@ -82,19 +88,22 @@ class OnnxRuntimeRunner(Runner):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # a provider that fails to load is reported by what we return
+        ort.set_default_logger_severity(4)  # ...and so is the provider bridge's own multi-line error log
         # Idle worker threads sleep instead of spinning: the video pipeline's decode/encode threads need
         # those cores (on 2 shared cores this doubled CPU throughput; see benchmarks/video_throughput.py).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self._threads:
             options.intra_op_num_threads = self._threads
         providers = candidate_providers(self._requested_device, ort.get_available_providers())
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        try:  # a GPU provider that fails falls back to the next, and ORT prints "EP Error ..." on stdout
+            with contextlib.redirect_stdout(io.StringIO()):  # what was used is checked (and said) below
+                self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as e:  # ORT raises its own exception types for unreadable or invalid models
             raise SeDeployError(f"{self.path}: ONNX Runtime cannot load it ({first_line(e)})") from None
         used = self.session.get_providers()[0]
-        if self._requested_device not in (None, "cpu") and used != _PROVIDERS[self._requested_device]:
-            raise SeDeployError(f"--device {self._requested_device}: ONNX Runtime could not use {_PROVIDERS[self._requested_device]} here")
+        kind = (self._requested_device or "").partition(":")[0]
+        if kind not in ("", "cpu") and used != _PROVIDERS[kind]:
+            raise SeDeployError(f"--device {self._requested_device}: ONNX Runtime could not use {_PROVIDERS[kind]} here")
         self.device = {v: k for k, v in _PROVIDERS.items()}.get(used, used)
 
         inp = self.session.get_inputs()[0]

@@ -29,8 +29,12 @@ class TorchRunner(Runner):
         from se_deploy.checkpoint import load_checkpoint
 
         device = self._requested_device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device != "cpu" and not device.startswith("cuda"):
+            raise SeDeployError(f"--device {device}: a .pt checkpoint runs on PyTorch, on cpu or cuda[:N]")
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise SeDeployError("--device cuda: PyTorch sees no CUDA GPU")
+            raise SeDeployError(f"--device {device}: PyTorch sees no CUDA GPU")
+        if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+            raise SeDeployError(f"--device {device}: PyTorch sees {torch.cuda.device_count()} CUDA GPU(s)")
         if self._half and not device.startswith("cuda"):
             raise SeDeployError("FP16 PyTorch inference needs a CUDA device")
         loaded = load_checkpoint(self.path, cfg=self._cfg, trust=self._trust)
