@@ -204,3 +204,15 @@ def test_export_json_flag_no_longer_needs_a_file(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["onnx"] == str(tmp_path / "tiny.onnx")
     assert Path(tmp_path / "tiny.onnx").is_file()
+
+
+def test_a_damaged_jpeg_that_still_decodes_stays_quiet(tmp_path, capfd):
+    """val, check and calibration read images with read_image: libjpeg's warnings must not reach stderr."""
+    from se_deploy.inference.preprocess import read_image
+
+    damaged = tmp_path / "damaged.jpg"
+    data = (FIXTURES / "dataset" / "images" / "val" / "val_000000.jpg").read_bytes()
+    damaged.write_bytes(data[: len(data) * 2 // 3])  # a truncated JPEG: libjpeg warns, then fills in grey
+    image = read_image(damaged)
+    assert image.shape == (320, 320, 3)
+    assert capfd.readouterr().err == ""

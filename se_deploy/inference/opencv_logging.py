@@ -20,7 +20,10 @@ import cv2
 # OpenCV reads this when it first uses FFmpeg (the first VideoCapture or VideoWriter): -8 is AV_LOG_QUIET.
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 if "OPENCV_LOG_LEVEL" not in os.environ:
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    if hasattr(cv2.utils, "logging"):  # OpenCV 5
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    elif hasattr(cv2, "setLogLevel"):  # OpenCV 4 (what Triton's python models run with: numpy < 2)
+        cv2.setLogLevel(0)  # LOG_LEVEL_SILENT
 
 _fd2 = threading.Lock()  # one redirection of file descriptor 2 at a time
 

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from se_deploy.errors import SeDeployError
+from se_deploy.inference.opencv_logging import libjpeg_quiet
 
 PAD_VALUE = 114
 IMGSZ_RANGE = (32, 4096)  # input sides in px: one stride at least; past 4096 no YOLOv5 deployment runs
@@ -121,8 +122,10 @@ def image_paths(source: str | Path) -> list[Path]:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Read an image as BGR uint8; a file OpenCV cannot decode is a SeDeployError."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """Read an image as BGR uint8; a file OpenCV cannot decode is a SeDeployError (libjpeg's own
+    warnings about a damaged file that still decodes stay off stderr)."""
+    with libjpeg_quiet():
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise SeDeployError(f"{path}: cannot be read as an image")
     return img

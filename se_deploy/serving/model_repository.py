@@ -33,8 +33,8 @@ DEFAULT_MAX_BATCH = 8  # for a dynamic-batch ONNX, whose batch axis has no limit
 TRT_ACCELERATORS = ("fp16", "fp32")
 PYTHON_MODELS = Path(__file__).resolve().parent / "python_models"
 # se-deploy's own pre/post-processing, copied into the e2e python models (they import nothing else of se-deploy)
-PROCESSING_MODULES = ("__init__.py", "errors.py", "inference/__init__.py", "inference/preprocess.py",
-                      "inference/postprocess.py")
+PROCESSING_MODULES = ("__init__.py", "errors.py", "inference/__init__.py", "inference/opencv_logging.py",
+                      "inference/preprocess.py", "inference/postprocess.py")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:26.05-py3"  # same release as the Dockerfile's TensorRT base
 
