@@ -116,7 +116,7 @@ def _refused(proc, *expected: str) -> None:
     (["quantize", UPSTREAM_ONNX, "--precision", "int8", "--calib-size", "0"], ["--calib-size"]),
     (["build-trt", UPSTREAM_ONNX, "--workspace", "0"], ["--workspace"]),
     (["build-trt", UPSTREAM_ONNX, "--dla-core", "-1"], ["--dla-core"]),
-    (["build-trt", UPSTREAM_ONNX, "--device", "cpu"], ["--device cpu", "CUDA device"]),
+    (["build-trt", UPSTREAM_ONNX, "--device", "cpu"], ["--device cpu", "runs on a CUDA GPU"]),
     (["report", CHECKPOINT, "--data", "x.yaml", "--iters", "0"], ["--iters"]),
     (["report", CHECKPOINT, "--data", "x.yaml", "--max-map-drop", "-1"], ["--max-map-drop"]),
 ])

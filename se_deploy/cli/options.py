@@ -10,7 +10,6 @@ import re
 
 import typer
 
-from se_deploy.errors import SeDeployError
 from se_deploy.inference.preprocess import IMGSZ_RANGE
 
 MAX_BATCH = 1024
@@ -40,15 +39,6 @@ def parse_device(text: str | None) -> str | None:
     if device in ("cpu", "cuda", "tensorrt") or re.fullmatch(r"cuda:\d+", device):
         return device
     raise typer.BadParameter(f"{text}: expected cpu, cuda, cuda:N, N or tensorrt")
-
-
-def cuda_index(device: str | None) -> int:
-    """The CUDA device number a --device names (cuda -> 0); TensorRT builds on a CUDA device."""
-    if device in (None, "cuda", "tensorrt"):
-        return 0
-    if device.startswith("cuda:"):
-        return int(device.split(":")[1])
-    raise SeDeployError(f"--device {device}: TensorRT builds on a CUDA device (cuda, cuda:N or N)")
 
 
 def parse_classes(values: list[str] | None) -> list[int] | None:

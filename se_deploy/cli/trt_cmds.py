@@ -17,7 +17,6 @@ from se_deploy.cli.options import (
     MAX_BATCH,
     JsonFlag,
     LegacyJsonFile,
-    cuda_index,
     imgsz_option,
     output_option,
     parse_device,
@@ -167,6 +166,7 @@ def build_trt(
 ) -> None:
     """Build a TensorRT engine (strongly typed, for this GPU) and write its manifest beside it."""
     from se_deploy.precision.quantize import QuantizeCheckFailed
+    from se_deploy.runners.tensorrt_runner import device_index
     from se_deploy.tensorrt.builder import build_engine
 
     if fp16 and int8:
@@ -177,7 +177,7 @@ def build_trt(
                 model, output, precision="fp16" if fp16 else "int8" if int8 else None, calib=calib,
                 calib_size=calib_size, calib_method=calib_method, batch=batch, min_batch=min_batch,
                 opt_batch=opt_batch, max_batch=max_batch, imgsz=imgsz, min_imgsz=min_imgsz, max_imgsz=max_imgsz,
-                workspace_gb=workspace, dla_core=dla_core, timing_cache=timing_cache, device=cuda_index(device),
+                workspace_gb=workspace, dla_core=dla_core, timing_cache=timing_cache, device=device_index(device),
                 on_phase=view.phase, quantize_progress=view.stage,
             )
     except QuantizeCheckFailed as failed:
