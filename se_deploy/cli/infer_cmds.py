@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -23,7 +22,7 @@ from se_deploy.cli.options import (
     model_option,
     parse_classes,
 )
-from se_deploy.cli.output import deprecated
+from se_deploy.cli.output import deprecated, finish
 from se_deploy.cli.signals import EXIT_TERMINATED
 from se_deploy.demo import DEMO_DIR
 from se_deploy.errors import SeDeployError
@@ -136,10 +135,7 @@ def infer(
             load_runner(resolve_model(model, console.print), device=device) as runner:
         check_classes(classes, runner)
         result = run_with_progress(runner, src, run_dir, settings, console).summary()
-    if as_json:
-        print(json.dumps(result, indent=2))
-    else:
-        Console().print(summary_table(result))
+    finish(result, as_json, None, lambda: Console().print(summary_table(result)))
     exit_if_stopped(result["stop_reason"], result["frames"], console)
     if result["stop_reason"].startswith(SERVER_LOST):
         console.print(f"error: {result['stop_reason']}; kept the {result['frames']} frames written", soft_wrap=True)
@@ -171,16 +167,18 @@ def bench(
             task = progress.add_task(f"{runner.backend} {runner.path.name}", total=iters)
             results.append(benchmark(runner, batch, iters, warmup, imgsz,
                                      on_iter=lambda i: progress.update(task, completed=i)))
-    if as_json:
-        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
-        return
+    finish(results[0] if len(results) == 1 else results, as_json, None,
+           lambda: Console().print(bench_table(results, batch, iters, warmup)))
+
+
+def bench_table(results: list[dict], batch: int, iters: int, warmup: int) -> Table:
     table = Table("model", "backend", "precision", "device", "input", "p50 ms", "p90 ms", "p99 ms", "images/s",
                   title=f"bench (batch {batch}, {iters} iterations after {warmup} warm-up)")
     for r in results:
         table.add_row(Path(r["model"]).name, r["backend"], r["precision"], r["device"],
                       f"{r['batch']}x3x{r['imgsz'][0]}x{r['imgsz'][1]}", f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
                       f"{r['p99_ms']:.2f}", f"{r['throughput']:.1f}")
-    Console().print(table)
+    return table
 
 
 @app.command()

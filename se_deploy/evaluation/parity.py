@@ -175,6 +175,7 @@ def run_parity_check(
     from se_deploy.artifacts import DEMO_IMAGES
     from se_deploy.inference.preprocess import image_paths
     from se_deploy.runners import is_model_url, load_runner
+    from se_deploy.runners.torch_runner import TorchRunner
 
     weights = Path(weights)
     suffix = "" if is_model_url(model_path) else Path(model_path).suffix.lower()  # a Triton URL stays a string
@@ -185,11 +186,6 @@ def run_parity_check(
     files = image_paths(images if images is not None else DEMO_IMAGES)
     if device is None and suffix == ".onnx":
         device = "cpu"  # judge the graph, not a GPU provider's TF32 or kernel choices
-    from se_deploy.runners.torch_runner import TorchRunner
-
-    if not weights.is_file():
-        raise SeDeployError(f"{weights}: checkpoint not found" if not weights.exists() else
-                            f"{weights}: is a directory, not a checkpoint file")
     reference = TorchRunner(weights, device="cpu", cfg=cfg, trust=trust)  # whatever its name: the loader judges it
     with load_runner(model_path, device=device) as runner, reference:
         if runner.nc and runner.nc != reference.nc:
